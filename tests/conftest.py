@@ -1,6 +1,8 @@
-"""Hypothesis profiles: `ci` (reproducible, bounded) when CI=true, `dev` (more examples) otherwise.
+"""Hypothesis profiles.
 
-Pick one by hand with `HYPOTHESIS_PROFILE=dev python -m pytest`.
+- `ci`: derandomized (the same examples every run), bounded, no deadline; chosen when CI=true.
+- `default`: the same bounds, randomized: a local `python -m pytest` stays fast.
+- `dev`: many more examples for bug hunting: `HYPOTHESIS_PROFILE=dev python -m pytest`.
 """
 
 import os
@@ -16,11 +18,18 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
+    "default",
+    max_examples=25,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
     "dev",
     max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(
-    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "dev")
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") == "true" else "default")
 )

@@ -1,0 +1,1 @@
+"""tinymm: a small, readable NumPy-only autograd framework for learning multimodal models."""

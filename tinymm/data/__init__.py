@@ -1,0 +1,1 @@
+"""Synthetic, seeded data sets (shapes, sounds), the tokenizer, and batching."""

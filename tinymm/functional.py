@@ -1,0 +1,539 @@
+"""Differentiable functions built on Tensor: activations, softmax, losses, norms, conv, attention.
+
+`import tinymm.functional as F`. Each function is one block: its forward in NumPy and, next to it,
+its backward as a function of the output gradient `g`. The composite ones (softmax, log_softmax,
+cross_entropy, layer_norm, gelu, attention) have a *fused* backward: one node whose gradient is
+worked out on paper, instead of a chain of small nodes. That is both faster and, written down,
+clearer; tests check each against the unfused composition of Tensor ops.
+
+Shapes follow the lecture: images (N, H, W, C), conv weights (kh, kw, C_in, C_out), sequences
+(N, L, D), attention masks broadcast to (N, heads, L_q, L_k) with True = may attend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+from scipy.special import erf
+
+from .tensor import Tensor, default_rng, record
+
+__all__ = [
+    "avg_pool2d",
+    "conv2d",
+    "cross_entropy",
+    "dropout",
+    "embedding",
+    "gelu",
+    "group_norm",
+    "layer_norm",
+    "linear",
+    "log_softmax",
+    "logsumexp",
+    "mse_loss",
+    "patchify",
+    "relu",
+    "scaled_dot_product_attention",
+    "sigmoid",
+    "silu",
+    "softmax",
+    "unpatchify",
+    "upsample_nearest2d",
+]
+
+
+def _t(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------
+
+
+def relu(x: Tensor) -> Tensor:
+    """max(x, 0); the gradient at exactly 0 is taken as 0."""
+    x = _t(x)
+    positive = x.data > 0
+    return record("relu", x.data * positive, (x,), lambda g: (g * positive,))
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """1 / (1 + e^-x), computed without overflow; d/dx = s (1 - s)."""
+    x = _t(x)
+    s = np.exp(-np.logaddexp(0, -x.data)).astype(x.dtype)
+    return record("sigmoid", s, (x,), lambda g: (g * s * (1 - s),))
+
+
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x) (a.k.a. swish); d/dx = s + x s (1 - s)."""
+    x = _t(x)
+    s = np.exp(-np.logaddexp(0, -x.data)).astype(x.dtype)
+    return record("silu", x.data * s, (x,), lambda g: (g * s * (1 + x.data * (1 - s)),), saved=(x,))
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def gelu(x: Tensor, approximate: str = "tanh") -> Tensor:
+    """Gaussian error linear unit, x * Phi(x).
+
+    "none":  Phi(x) = (1 + erf(x / sqrt 2)) / 2,        d/dx = Phi(x) + x phi(x)
+    "tanh":  Phi(x) ~ (1 + tanh(u)) / 2, u = sqrt(2/pi) (x + 0.044715 x^3)
+             d/dx = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u)
+    """
+    x = _t(x)
+    a = x.data
+    if approximate == "tanh":
+        t = np.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a**3))
+        out = 0.5 * a * (1 + t)
+
+        def backward(g):
+            du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * a * a)
+            return (g * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * du),)
+
+    elif approximate == "none":
+        cdf = (0.5 * (1 + erf(a / math.sqrt(2)))).astype(a.dtype)
+        out = a * cdf
+
+        def backward(g):
+            pdf = np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+            return (g * (cdf + a * pdf),)
+
+    else:
+        raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
+    return record("gelu", out, (x,), backward, saved=(x,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax family (stable: subtract the max before exp)
+# ----------------------------------------------------------------------------------------------
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """y_i = e^{x_i} / sum_j e^{x_j};  dx = y * (g - sum(g * y))."""
+    x = _t(x)
+    e = np.exp(x.data - x.data.max(axis=axis, keepdims=True))
+    y = e / e.sum(axis=axis, keepdims=True)
+    return record("softmax", y, (x,), lambda g: (y * (g - (g * y).sum(axis=axis, keepdims=True)),))
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """y_i = x_i - logsumexp(x);  dx = g - softmax(x) * sum(g)."""
+    x = _t(x)
+    y = x.data - _logsumexp(x.data, axis)
+    return record(
+        "log_softmax", y, (x,), lambda g: (g - np.exp(y) * g.sum(axis=axis, keepdims=True),)
+    )
+
+
+def logsumexp(x: Tensor, axis: int = -1, keepdims: bool = False) -> Tensor:
+    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m};  dx = g * softmax(x)."""
+    x = _t(x)
+    lse = _logsumexp(x.data, axis)
+    out = lse if keepdims else np.squeeze(lse, axis=axis)
+
+    def backward(g):
+        g = g if keepdims else np.expand_dims(g, axis)
+        return (g * np.exp(x.data - lse),)
+
+    return record("logsumexp", out, (x,), backward, saved=(x,))
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    m = a.max(axis=axis, keepdims=True)
+    return m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: Tensor, targets: Any, ignore_index: int = -100, label_smoothing: float = 0.0
+) -> Tensor:
+    """Mean over non-ignored targets of -sum_c q_c log softmax(logits)_c.
+
+    q is the one-hot target, smoothed as q = (1 - eps) onehot + eps / C. Fused backward:
+    d loss / d logits = (softmax(logits) - q) / (number of non-ignored targets).
+    logits (N, C) or (N, L, C); targets (N,) or (N, L) integers.
+    """
+    logits = _t(logits)
+    t = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    if logits.shape[:-1] != t.shape:
+        raise ValueError(
+            f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, "
+            f"got {t.shape}"
+        )
+    if not np.issubdtype(t.dtype, np.integer):
+        raise TypeError(f"cross_entropy: targets must be integer class indices, got {t.dtype}")
+    n_classes = logits.shape[-1]
+    z = logits.data.reshape(-1, n_classes)
+    t = t.reshape(-1)
+    valid = t != ignore_index
+    if np.any((t[valid] < 0) | (t[valid] >= n_classes)):
+        raise IndexError(f"cross_entropy: targets must lie in [0, {n_classes}) or be ignore_index")
+    count = valid.sum()
+    log_p = z - _logsumexp(z, -1)
+    safe_t = np.where(valid, t, 0)
+    rows = np.arange(len(t))
+    eps = label_smoothing
+    per_row = -(1 - eps) * log_p[rows, safe_t] - (eps / n_classes) * log_p.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = np.asarray((per_row * valid).sum() / count, dtype=logits.dtype)
+
+    def backward(g):
+        grad = np.exp(log_p) - eps / n_classes
+        grad[rows, safe_t] -= 1 - eps
+        grad *= (valid * (g / count))[:, None]
+        return (grad.reshape(logits.shape).astype(logits.dtype, copy=False),)
+
+    return record("cross_entropy", loss, (logits,), backward)
+
+
+def mse_loss(a: Tensor, b: Any) -> Tensor:
+    """mean((a - b)^2)."""
+    d = _t(a) - b
+    return (d * d).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers as functions
+# ----------------------------------------------------------------------------------------------
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """z = x W + b, weight (in, out) as the lecture's z = x E; leading axes folded into one GEMM."""
+    x, weight = _t(x), _t(weight)
+    if x.shape[-1] != weight.shape[0]:
+        raise ValueError(
+            f"linear: x has {x.shape[-1]} features (shape {x.shape}) but weight expects "
+            f"{weight.shape[0]} (shape {weight.shape})"
+        )
+    lead = x.shape[:-1]
+    x2 = x.data.reshape(-1, x.shape[-1])  # (N, ..., in) -> (N*..., in)
+    out = x2 @ weight.data
+    if bias is not None:
+        out += bias.data
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = (g2 @ weight.data.T).reshape(x.shape) if x.requires_grad else None
+        gw = x2.T @ g2 if weight.requires_grad else None
+        if bias is None:
+            return gx, gw
+        return gx, gw, g2.sum(0)
+
+    return record("linear", out.reshape(*lead, -1), inputs, backward, saved=(x, weight))
+
+
+def embedding(indices: Any, weight: Tensor) -> Tensor:
+    """Rows of `weight` (V, D) picked by integer `indices` (...) -> (..., D)."""
+    weight = _t(weight)
+    idx = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"embedding: indices must be integers, got {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
+        raise IndexError(
+            f"embedding: indices must lie in [0, {weight.shape[0]}), got {idx.min()}..{idx.max()}"
+        )
+
+    def backward(g):
+        grad = np.zeros_like(weight.data)
+        np.add.at(grad, idx.reshape(-1), g.reshape(-1, weight.shape[1]))
+        return (grad,)
+
+    return record("embedding", weight.data[idx], (weight,), backward)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Normalise the last axis: xhat = (x - mean) / sqrt(var + eps); y = xhat * w + b.
+
+    Fused backward, with gh = g * w and means over the last axis:
+    dx = (gh - mean(gh) - xhat * mean(gh * xhat)) / sqrt(var + eps).
+    """
+    x = _t(x)
+    xhat, rstd = _normalise(x.data, -1, eps)
+    return _affine("layer_norm", x, xhat, rstd, weight, bias, (-1,), lambda a: a)
+
+
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
+) -> Tensor:
+    """GroupNorm for channels-last x (N, H, W, C): normalise each group of C/G channels over
+    (H, W, C/G), then a per-channel affine. Fused backward as layer_norm's, per group."""
+    x = _t(x)
+    if x.ndim != 4:
+        raise ValueError(f"group_norm expects x of shape (N, H, W, C), got {x.shape}")
+    n, h, w, c = x.shape
+    if c % num_groups:
+        raise ValueError(f"group_norm: {c} channels do not split into {num_groups} groups")
+    grouped = (n, h * w, num_groups, c // num_groups)  # (N, H, W, C) -> (N, HW, G, C/G)
+    xhat, rstd = _normalise(x.data.reshape(grouped), (1, 3), eps)
+    return _affine(
+        "group_norm",
+        x,
+        xhat.reshape(x.shape),
+        rstd,
+        weight,
+        bias,
+        (1, 3),
+        lambda a: a.reshape(grouped),
+    )
+
+
+def _normalise(a: np.ndarray, axes: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    mean = a.mean(axis=axes, keepdims=True)
+    centred = a - mean
+    rstd = 1 / np.sqrt((centred * centred).mean(axis=axes, keepdims=True) + eps)
+    return centred * rstd, rstd
+
+
+def _affine(op, x, xhat, rstd, weight, bias, axes, grouped) -> Tensor:
+    """y = xhat * w + b, with the shared normalisation backward over `axes` of grouped(.)"""
+    out = xhat
+    if weight is not None:
+        out = out * weight.data
+    if bias is not None:
+        out = out + bias.data
+    inputs = tuple(t for t in (x, weight, bias) if t is not None)
+
+    def backward(g):
+        gh = g * weight.data if weight is not None else g
+        gh_g, xh_g = grouped(gh), grouped(xhat)
+        gx = (
+            gh_g
+            - gh_g.mean(axis=axes, keepdims=True)
+            - xh_g * (gh_g * xh_g).mean(axis=axes, keepdims=True)
+        ) * rstd
+        grads = [gx.reshape(x.shape)]
+        lead = tuple(range(x.ndim - 1))
+        if weight is not None:
+            grads.append((g * xhat).sum(axis=lead))
+        if bias is not None:
+            grads.append(g.sum(axis=lead))
+        return grads
+
+    return record(op, out.astype(x.dtype, copy=False), inputs, backward, saved=inputs[1:])
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p) (identity in eval)."""
+    x = _t(x)
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    keep = (default_rng().random(x.shape) >= p).astype(x.dtype) / (1 - p)
+    return record("dropout", x.data * keep, (x,), lambda g: (g * keep,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution and resampling (channels-last)
+# ----------------------------------------------------------------------------------------------
+
+
+def _windows(a: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
+    """A strided view (N, Ho, Wo, kh, kw, C) of every kh x kw window of a (N, H, W, C): no copy."""
+    n, h, w, c = a.shape
+    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
+    sn, sh, sw, sc = a.strides
+    return as_strided(
+        a, (n, ho, wo, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, sc), writeable=False
+    )
+
+
+def conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0
+) -> Tensor:
+    """2-D convolution (cross-correlation, as every DL library), channels-last.
+
+    x (N, H, W, C_in), weight (kh, kw, C_in, C_out) -> (N, Ho, Wo, C_out),
+    Ho = (H + 2 padding - kh) // stride + 1.
+    Forward is im2col: every window becomes a row of kh*kw*C_in values (one strided view, one
+    copy) and the convolution is one matmul with the weight reshaped to (kh*kw*C_in, C_out).
+    Backward: dW = cols^T @ g; dx = for each kernel offset (i, j), g @ W[i, j]^T added into the
+    shifted window positions: kh*kw matmuls, no scatter.
+    """
+    x, weight = _t(x), _t(weight)
+    if x.ndim != 4:
+        raise ValueError(f"conv2d expects x of shape (N, H, W, C_in), got {x.shape}")
+    if weight.ndim != 4 or weight.shape[2] != x.shape[3]:
+        raise ValueError(
+            f"conv2d: weight must be (kh, kw, C_in={x.shape[3]}, C_out), got {weight.shape}"
+        )
+    kh, kw, c_in, c_out = weight.shape
+    p = padding
+    xp = np.pad(x.data, ((0, 0), (p, p), (p, p), (0, 0))) if p else x.data
+    if xp.shape[1] < kh or xp.shape[2] < kw:
+        raise ValueError(
+            f"conv2d: kernel {kh}x{kw} is larger than the padded input {xp.shape[1:3]}"
+        )
+    cols = _windows(xp, kh, kw, stride)  # (N, Ho, Wo, kh, kw, C_in)
+    n, ho, wo = cols.shape[:3]
+    cols = cols.reshape(n * ho * wo, kh * kw * c_in)  # the im2col copy
+    w2 = weight.data.reshape(kh * kw * c_in, c_out)
+    out = cols @ w2
+    if bias is not None:
+        out += bias.data
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):
+        g2 = g.reshape(-1, c_out)
+        gw = (cols.T @ g2).reshape(weight.shape) if weight.requires_grad else None
+        gx = None
+        if x.requires_grad:
+            gxp = np.zeros(xp.shape, dtype=xp.dtype)
+            for i in range(kh):
+                for j in range(kw):
+                    rows = slice(i, i + stride * (ho - 1) + 1, stride)
+                    cols_ = slice(j, j + stride * (wo - 1) + 1, stride)
+                    gxp[:, rows, cols_] += (g2 @ weight.data[i, j].T).reshape(n, ho, wo, c_in)
+            gx = gxp[:, p : p + x.shape[1], p : p + x.shape[2]] if p else gxp
+        grads = [gx, gw]
+        if bias is not None:
+            grads.append(g2.sum(0))
+        return grads
+
+    return record("conv2d", out.reshape(n, ho, wo, c_out), inputs, backward, saved=(x, weight))
+
+
+def avg_pool2d(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor:
+    """Mean over kernel_size x kernel_size windows of x (N, H, W, C), stride defaults to kernel."""
+    x = _t(x)
+    k, s = kernel_size, stride or kernel_size
+    if x.ndim != 4:
+        raise ValueError(f"avg_pool2d expects x of shape (N, H, W, C), got {x.shape}")
+    win = _windows(x.data, k, k, s)
+    n, ho, wo = win.shape[:3]
+    out = win.mean(axis=(3, 4))
+
+    def backward(g):
+        gx = np.zeros(x.shape, dtype=x.dtype)
+        share = g / (k * k)
+        for i in range(k):
+            for j in range(k):
+                gx[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s] += share
+        return (gx,)
+
+    return record("avg_pool2d", out.astype(x.dtype, copy=False), (x,), backward)
+
+
+def upsample_nearest2d(x: Tensor, scale_factor: int = 2) -> Tensor:
+    """Repeat every pixel of x (N, H, W, C) scale x scale times; the gradient sums each block."""
+    x = _t(x)
+    if x.ndim != 4:
+        raise ValueError(f"upsample_nearest2d expects x of shape (N, H, W, C), got {x.shape}")
+    s = scale_factor
+    n, h, w, c = x.shape
+    out = np.broadcast_to(x.data[:, :, None, :, None, :], (n, h, s, w, s, c))
+    return record(
+        "upsample_nearest2d",
+        out.reshape(n, h * s, w * s, c),
+        (x,),
+        lambda g: (g.reshape(n, h, s, w, s, c).sum(axis=(2, 4)),),
+    )
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """Split images (N, H, W, C) into non-overlapping P x P patches, each flattened to P*P*C
+    values in (row, column, channel) order, as the ViT paper: -> (N, (H/P)*(W/P), P*P*C).
+    Patches are numbered row by row. A pure rearrangement (reshape + transpose)."""
+    images = _t(images)
+    if images.ndim != 4:
+        raise ValueError(f"patchify expects images of shape (N, H, W, C), got {images.shape}")
+    n, h, w, c = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(
+            f"patch size {p} does not divide the image size {h}x{w}: "
+            f"{h} % {p} = {h % p}, {w} % {p} = {w % p}"
+        )
+    x = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)  # (N, gh, gw, P, P, C) -> (N, Np, P*P*C)
+
+
+def unpatchify(
+    patches: Tensor, patch_size: int, image_size: tuple[int, int], channels: int
+) -> Tensor:
+    """Inverse of patchify: (N, (H/P)*(W/P), P*P*C) -> (N, H, W, C)."""
+    patches = _t(patches)
+    h, w = image_size
+    p = patch_size
+    n = patches.shape[0]
+    x = patches.reshape(n, h // p, w // p, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h, w, channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Any = None,
+    causal: bool = False,
+    return_weights: bool = False,
+) -> Any:
+    """attn(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, one fused node.
+
+    q (..., L_q, d), k (..., L_k, d), v (..., L_k, d_v) -> (..., L_q, d_v). `mask` is boolean,
+    broadcastable to (..., L_q, L_k), True = may attend; `causal` lets query i see keys <= i.
+    A query that may attend to nothing gets uniform weights rather than NaN.
+    With P = softmax(S), S = Q K^T / sqrt(d):
+        dV = P^T g,  dP = g V^T,  dS = P * (dP - sum_k(dP * P)),  dQ = dS K / sqrt(d),
+        dK = dS^T Q / sqrt(d).
+    With return_weights=True also returns P as a tensor without gradient, for figures.
+    """
+    q, k, v = _t(q), _t(k), _t(v)
+    d = q.shape[-1]
+    if k.shape[-1] != d or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit: need q (..., L_q, d), "
+            "k (..., L_k, d), v (..., L_k, d_v)"
+        )
+    scale = 1.0 / math.sqrt(d)
+    qd, kd, vd = q.data, k.data, v.data
+    scores = np.matmul(qd, np.swapaxes(kd, -1, -2))
+    scores *= scale
+    allowed = _attention_mask(mask, causal, scores.shape[-2], scores.shape[-1])
+    if allowed is not None:
+        scores = np.where(allowed, scores, np.finfo(scores.dtype).min)
+    scores -= scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores, out=scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = np.matmul(probs, vd)
+
+    def backward(g):
+        gv = np.matmul(np.swapaxes(probs, -1, -2), g)
+        gp = np.matmul(g, np.swapaxes(vd, -1, -2))
+        gs = probs * (gp - (gp * probs).sum(axis=-1, keepdims=True))
+        gs *= scale
+        gq = np.matmul(gs, kd)
+        gk = np.matmul(np.swapaxes(gs, -1, -2), qd)
+        return gq, gk, gv
+
+    out = record("attention", out, (q, k, v), backward, saved=(q, k, v))
+    return (out, Tensor(probs)) if return_weights else out
+
+
+def _attention_mask(mask: Any, causal: bool, lq: int, lk: int) -> np.ndarray | None:
+    allowed = None
+    if mask is not None:
+        allowed = np.asarray(mask.data if isinstance(mask, Tensor) else mask)
+        if allowed.dtype != bool:
+            raise TypeError(
+                f"attention mask must be boolean (True = may attend), got {allowed.dtype}"
+            )
+    if causal:
+        tri = np.tril(np.ones((lq, lk), dtype=bool), k=lk - lq)
+        allowed = tri if allowed is None else allowed & tri
+    return allowed

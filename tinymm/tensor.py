@@ -1,0 +1,819 @@
+"""Tensor and the reverse-mode autograd engine.
+
+A `Tensor` holds a NumPy array (`.data`) and, when it was made by an op on tensors that require
+gradients, a `Node`: the op's name, its input tensors, and a `backward` function that maps the
+gradient of the output to the gradients of the inputs.
+
+    y = f(x)        forward:  NumPy computes y.data from x.data
+    dL/dx = J^T g   backward: node.backward(g) with g = dL/dy
+
+`Tensor.backward()` sweeps the graph once in reverse topological order (iteratively: no recursion
+limit), adds up the gradients of tensors used more than once, stores `.grad` on the leaves, and
+then releases the graph (unless `retain_graph=True`) so that the intermediate arrays are freed.
+
+Every op is one short block below: its forward, and next to it its backward. An op returns the
+gradient for each input in the shape of the *broadcast* result; the engine sums it back to the
+input's shape in one place (`sum_to`). Ops that keep an input for their backward name it in
+`saved=`; changing such a tensor in place before backward is an error (version counters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_DTYPE = np.float32
+
+# ----------------------------------------------------------------------------------------------
+# Global state: gradient mode and the random generator
+# ----------------------------------------------------------------------------------------------
+
+_grad_enabled = True
+_rng = np.random.default_rng(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Seed tinymm's random generator (used by randn, dropout and layer initialisation)."""
+    global _rng
+    _rng = np.random.default_rng(seed)
+
+
+def default_rng() -> np.random.Generator:
+    """The generator that `manual_seed` seeds."""
+    return _rng
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class no_grad(contextlib.ContextDecorator):
+    """Context manager (and decorator) inside which no graph is recorded."""
+
+    def __enter__(self) -> no_grad:
+        global _grad_enabled
+        self._prev, _grad_enabled = _grad_enabled, False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _grad_enabled
+        _grad_enabled = self._prev
+
+
+# ----------------------------------------------------------------------------------------------
+# The graph
+# ----------------------------------------------------------------------------------------------
+
+
+class Node:
+    """How a tensor was made: the op, its inputs, and the function that carries gradients back."""
+
+    __slots__ = ("op", "inputs", "backward", "saved")
+
+    def __init__(self, op: str, inputs: tuple, backward: Callable, saved: tuple):
+        self.op = op
+        self.inputs = inputs
+        self.backward = backward
+        self.saved = tuple((t, t._version) for t in saved)  # (tensor, version when saved)
+
+    def check_saved(self) -> None:
+        for t, version in self.saved:
+            if t._version != version:
+                raise RuntimeError(
+                    f"a tensor of shape {t.shape} that '{self.op}' saved for backward was "
+                    f"modified in place by '{t._inplace_op}' (version {t._version}, "
+                    f"saved at version {version}); do the in-place update after backward, "
+                    "or on a copy"
+                )
+
+    def release(self) -> None:
+        self.inputs = self.backward = None
+        self.saved = ()
+
+
+def sum_to(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum a broadcast gradient back to `shape`: the adjoint of np.broadcast_to(x, grad.shape)."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1
+    )
+    return grad.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def record(
+    op: str,
+    data: np.ndarray,
+    inputs: Sequence[Tensor],
+    backward: Callable[[np.ndarray], Sequence[np.ndarray | None]],
+    saved: Sequence[Tensor] = (),
+) -> Tensor:
+    """Wrap an op's result; link it into the graph when gradients are on and an input needs one.
+
+    `backward(g)` returns one gradient (or None) per input, in the result's (broadcast) shape.
+    """
+    out = Tensor(data)
+    if _grad_enabled and any(t.requires_grad for t in inputs):
+        out.requires_grad = True
+        out._node = Node(op, tuple(inputs), backward, tuple(saved))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_array(data: Any, dtype: Any = None) -> np.ndarray:
+    """Convert to an ndarray: floats default to float32, integers and booleans keep their kind."""
+    if isinstance(data, Tensor):
+        data = data.data
+    if dtype is not None:
+        return np.asarray(data, dtype=dtype)
+    arr = np.asarray(data)
+    if arr.dtype == np.float64 and not isinstance(data, np.ndarray | np.floating):
+        arr = arr.astype(DEFAULT_DTYPE)  # Python floats and lists of them -> float32
+    return arr
+
+
+class Tensor:
+    """An n-dimensional array that remembers how it was computed, for reverse-mode autodiff."""
+
+    __slots__ = (
+        "data",
+        "grad",
+        "requires_grad",
+        "_node",
+        "_version",
+        "_inplace_op",
+        "_retains_grad",
+        "__weakref__",
+    )
+    __array_priority__ = 1000  # ndarray (op) Tensor -> Tensor's reflected op
+
+    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None):
+        self.data: np.ndarray = _as_array(data, dtype)
+        self.grad: np.ndarray | None = None
+        self.requires_grad = bool(requires_grad)
+        self._node: Node | None = None
+        self._version = 0
+        self._inplace_op = ""
+        self._retains_grad = False
+        if self.requires_grad and not np.issubdtype(self.data.dtype, np.floating):
+            raise TypeError(f"only floating point tensors can require gradients, got {self.dtype}")
+
+    # --- what a Tensor is ----------------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    dtype = property(lambda self: self.data.dtype)
+    size = property(lambda self: self.data.size)
+    T = property(lambda self: self.transpose())
+    is_leaf = property(lambda self: self._node is None)
+
+    def numpy(self) -> np.ndarray:
+        return self.data
+
+    def item(self) -> Any:
+        return self.data.item()
+
+    def detach(self) -> Tensor:
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def retain_grad(self) -> None:
+        """Keep `.grad` on this non-leaf tensor after backward (leaves always keep it)."""
+        self._retains_grad = True
+
+    def astype(self, dtype: Any) -> Tensor:
+        source = self.dtype
+        return record("astype", self.data.astype(dtype), (self,), lambda g: (g.astype(source),))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.data if dtype is None else self.data.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __float__(self) -> float:
+        return float(self.data)
+
+    def __bool__(self) -> bool:
+        return bool(self.data)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        body = np.array2string(self.data, precision=4, threshold=20, edgeitems=2, prefix="tensor(")
+        extra = f", dtype={self.dtype}" if self.dtype != DEFAULT_DTYPE else ""
+        if self._node is not None:
+            extra += f", grad_fn={self._node.op}"
+        elif self.requires_grad:
+            extra += ", requires_grad=True"
+        return f"tensor({body}{extra})"
+
+    # --- backward ------------------------------------------------------------------------------
+    def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) * grad into every leaf's `.grad` that requires a gradient.
+
+        One sweep in reverse topological order (Kahn's algorithm on the reversed graph: a tensor
+        is processed once every op that used it has sent back its gradient).
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad (no graph)")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() without a gradient needs a scalar, got shape {self.shape}; "
+                    "reduce it first (e.g. .sum()) or pass grad= of the same shape"
+                )
+            grad = np.ones_like(self.data)
+        grad = _as_array(grad, self.dtype)
+        if grad.shape != self.shape:
+            raise ValueError(f"backward: grad of shape {grad.shape} for a tensor of {self.shape}")
+
+        # 1. count, for every tensor in the graph, how many times it is an input (its consumers)
+        pending = {id(self): 0}
+        stack = [self]
+        while stack:
+            node = stack.pop()._node
+            if node is None:
+                continue
+            if node.backward is None:
+                raise RuntimeError(
+                    "backward through a graph that was already released: the first backward "
+                    "freed it; call backward(retain_graph=True) the first time to go twice"
+                )
+            for t in node.inputs:
+                if t.requires_grad:
+                    if id(t) not in pending:
+                        pending[id(t)] = 0
+                        stack.append(t)
+                    pending[id(t)] += 1
+
+        # 2. sweep: pass each tensor's finished gradient back through the op that made it
+        grads = {id(self): grad}
+        ready = [self]
+        while ready:
+            t = ready.pop()
+            g = grads.pop(id(t))
+            node = t._node
+            if node is None or t._retains_grad:
+                t.grad = np.array(g, dtype=t.dtype) if t.grad is None else t.grad + g
+            if node is None:
+                continue
+            node.check_saved()
+            for inp, g_inp in zip(node.inputs, node.backward(g), strict=True):
+                if g_inp is None or not inp.requires_grad:
+                    continue
+                g_inp = sum_to(g_inp, inp.shape)
+                key = id(inp)
+                grads[key] = g_inp if key not in grads else grads[key] + g_inp
+                pending[key] -= 1
+                if pending[key] == 0:
+                    ready.append(inp)
+            if not retain_graph:
+                node.release()
+
+    # --- in-place updates (for optimizers; not differentiable, they bump the version) ----------
+    def _bump(self, op: str) -> Tensor:
+        self._version += 1
+        self._inplace_op = op
+        return self
+
+    def add_(self, other: Any, alpha: float = 1.0) -> Tensor:
+        other = other.data if isinstance(other, Tensor) else other
+        if alpha == 1.0:
+            self.data += other
+        else:
+            self.data += alpha * other
+        return self._bump("add_")
+
+    def sub_(self, other: Any) -> Tensor:
+        self.data -= other.data if isinstance(other, Tensor) else other
+        return self._bump("sub_")
+
+    def mul_(self, other: Any) -> Tensor:
+        self.data *= other.data if isinstance(other, Tensor) else other
+        return self._bump("mul_")
+
+    def zero_(self) -> Tensor:
+        self.data[...] = 0
+        return self._bump("zero_")
+
+    def copy_(self, other: Any) -> Tensor:
+        self.data[...] = other.data if isinstance(other, Tensor) else other
+        return self._bump("copy_")
+
+    # --- arithmetic ----------------------------------------------------------------------------
+    def _wrap(self, other: Any) -> Tensor:
+        """A Python number takes this tensor's dtype (no float32 -> float64 up-cast)."""
+        if isinstance(other, Tensor):
+            return other
+        if isinstance(other, int | float | bool) and np.issubdtype(self.dtype, np.floating):
+            return Tensor(np.asarray(other, dtype=self.dtype))
+        return Tensor(other)
+
+    def __add__(self, other: Any) -> Tensor:
+        other = self._wrap(other)
+        _check_broadcast("+", self, other)
+        return record("add", self.data + other.data, (self, other), lambda g: (g, g))
+
+    def __sub__(self, other: Any) -> Tensor:
+        other = self._wrap(other)
+        _check_broadcast("-", self, other)
+        return record("sub", self.data - other.data, (self, other), lambda g: (g, -g))
+
+    def __mul__(self, other: Any) -> Tensor:
+        other = self._wrap(other)
+        _check_broadcast("*", self, other)
+        a, b = self.data, other.data
+        return record("mul", a * b, (self, other), lambda g: (g * b, g * a), saved=(self, other))
+
+    def __truediv__(self, other: Any) -> Tensor:
+        other = self._wrap(other)
+        _check_broadcast("/", self, other)
+        a, b = self.data, other.data
+        out = a / b
+        return record(
+            "div", out, (self, other), lambda g: (g / b, -g * out / b), saved=(self, other)
+        )
+
+    def __pow__(self, exponent: Any) -> Tensor:
+        other = self._wrap(exponent)
+        _check_broadcast("**", self, other)
+        a, p = self.data, other.data
+        out = a**p
+
+        def backward(g):
+            g_a = g * p * a ** (p - 1)
+            g_p = g * out * np.log(np.where(a > 0, a, 1)) if other.requires_grad else None
+            return g_a, g_p
+
+        return record("pow", out, (self, other), backward, saved=(self, other))
+
+    def __neg__(self) -> Tensor:
+        return record("neg", -self.data, (self,), lambda g: (-g,))
+
+    def __radd__(self, other: Any) -> Tensor:
+        return self._wrap(other) + self
+
+    def __rsub__(self, other: Any) -> Tensor:
+        return self._wrap(other) - self
+
+    def __rmul__(self, other: Any) -> Tensor:
+        return self._wrap(other) * self
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        return self._wrap(other) / self
+
+    def __rpow__(self, other: Any) -> Tensor:
+        return self._wrap(other) ** self
+
+    def __matmul__(self, other: Any) -> Tensor:
+        return matmul(self, self._wrap(other))
+
+    def __rmatmul__(self, other: Any) -> Tensor:
+        return matmul(self._wrap(other), self)
+
+    # comparisons: boolean tensors, never part of the graph
+    def __lt__(self, other: Any) -> Tensor:
+        return Tensor(self.data < _data(other))
+
+    def __le__(self, other: Any) -> Tensor:
+        return Tensor(self.data <= _data(other))
+
+    def __gt__(self, other: Any) -> Tensor:
+        return Tensor(self.data > _data(other))
+
+    def __ge__(self, other: Any) -> Tensor:
+        return Tensor(self.data >= _data(other))
+
+    def __eq__(self, other: Any) -> Tensor:  # type: ignore[override]
+        return Tensor(self.data == _data(other))
+
+    def __ne__(self, other: Any) -> Tensor:  # type: ignore[override]
+        return Tensor(self.data != _data(other))
+
+    # --- elementwise ---------------------------------------------------------------------------
+    def exp(self) -> Tensor:
+        out = np.exp(self.data)
+        return record("exp", out, (self,), lambda g: (g * out,))
+
+    def log(self) -> Tensor:
+        x = self.data
+        return record("log", np.log(x), (self,), lambda g: (g / x,), saved=(self,))
+
+    def sqrt(self) -> Tensor:
+        out = np.sqrt(self.data)
+        return record("sqrt", out, (self,), lambda g: (g / (2 * out),))
+
+    def tanh(self) -> Tensor:
+        out = np.tanh(self.data)
+        return record("tanh", out, (self,), lambda g: (g * (1 - out * out),))
+
+    def abs(self) -> Tensor:
+        x = self.data
+        return record("abs", np.abs(x), (self,), lambda g: (g * np.sign(x),), saved=(self,))
+
+    def clip(self, min: float | None = None, max: float | None = None) -> Tensor:
+        """Clamp to [min, max]; the gradient passes where the value was inside the interval."""
+        x = self.data
+        lo = -np.inf if min is None else min
+        hi = np.inf if max is None else max
+        inside = (x >= lo) & (x <= hi)
+        return record(
+            "clip", np.clip(x, lo, hi).astype(x.dtype, copy=False), (self,), lambda g: (g * inside,)
+        )
+
+    # --- reductions ----------------------------------------------------------------------------
+    def sum(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
+        shape = self.shape
+
+        def backward(g):
+            return (np.broadcast_to(_keep(g, axis, shape, keepdims), shape),)
+
+        return record("sum", self.data.sum(axis=axis, keepdims=keepdims), (self,), backward)
+
+    def mean(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
+        shape = self.shape
+        n = _count(shape, axis)
+
+        def backward(g):
+            return (np.broadcast_to(_keep(g, axis, shape, keepdims) / n, shape),)
+
+        return record("mean", self.data.mean(axis=axis, keepdims=keepdims), (self,), backward)
+
+    def var(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
+        """Population variance (ddof=0, as NumPy): mean((x - mean(x))^2)."""
+        x, shape = self.data, self.shape
+        centred = x - x.mean(axis=axis, keepdims=True)
+        n = _count(shape, axis)
+        out = (centred * centred).mean(axis=axis, keepdims=keepdims)
+
+        def backward(g):
+            return (_keep(g, axis, shape, keepdims) * centred * (2 / n),)
+
+        return record("var", out, (self,), backward, saved=(self,))
+
+    def max(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
+        """Maximum; ties share the gradient evenly."""
+        return self._extreme(np.max, "max", axis, keepdims)
+
+    def min(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
+        """Minimum; ties share the gradient evenly."""
+        return self._extreme(np.min, "min", axis, keepdims)
+
+    def _extreme(self, fn: Callable, op: str, axis: Any, keepdims: bool) -> Tensor:
+        x, shape = self.data, self.shape
+        out = fn(x, axis=axis, keepdims=True)
+
+        def backward(g):
+            hit = x == out
+            return (_keep(g, axis, shape, keepdims) * hit / hit.sum(axis=axis, keepdims=True),)
+
+        value = out if keepdims else fn(x, axis=axis)
+        return record(op, value, (self,), backward, saved=(self,))
+
+    # --- shape ---------------------------------------------------------------------------------
+    def reshape(self, *shape: Any) -> Tensor:
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+        source = self.shape
+        return record("reshape", self.data.reshape(shape), (self,), lambda g: (g.reshape(source),))
+
+    def transpose(self, *axes: Any) -> Tensor:
+        """Permute axes (NumPy semantics: no axes reverses them)."""
+        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], tuple | list) else axes
+        axes = tuple(axes) if axes else tuple(reversed(range(self.ndim)))
+        inverse = tuple(np.argsort(axes))
+        return record(
+            "transpose", self.data.transpose(axes), (self,), lambda g: (g.transpose(inverse),)
+        )
+
+    def swapaxes(self, a: int, b: int) -> Tensor:
+        return record("swapaxes", self.data.swapaxes(a, b), (self,), lambda g: (g.swapaxes(a, b),))
+
+    def squeeze(self, axis: int | tuple | None = None) -> Tensor:
+        source = self.shape
+        return record(
+            "squeeze", np.squeeze(self.data, axis), (self,), lambda g: (g.reshape(source),)
+        )
+
+    def expand_dims(self, axis: int | tuple) -> Tensor:
+        source = self.shape
+        return record(
+            "expand_dims", np.expand_dims(self.data, axis), (self,), lambda g: (g.reshape(source),)
+        )
+
+    def broadcast_to(self, shape: tuple) -> Tensor:
+        return record("broadcast_to", np.broadcast_to(self.data, shape), (self,), lambda g: (g,))
+
+    def flatten(self) -> Tensor:
+        return self.reshape(-1)
+
+    def __getitem__(self, index: Any) -> Tensor:
+        """Basic and advanced indexing; the gradient is scattered back (added where repeated)."""
+        index = _index_data(index)
+        shape, dtype = self.shape, self.dtype
+
+        def backward(g):
+            full = np.zeros(shape, dtype=dtype)
+            if _is_basic(index):
+                full[index] = g  # basic indexing never repeats an element
+            else:
+                np.add.at(full, index, g)
+            return (full,)
+
+        return record("getitem", self.data[index], (self,), backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for the ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _data(x: Any) -> Any:
+    return x.data if isinstance(x, Tensor) else x
+
+
+def _check_broadcast(op: str, a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape:
+        try:
+            np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise ValueError(
+                f"operands of '{op}' cannot be broadcast together: shapes {a.shape} and "
+                f"{b.shape} (each axis, aligned from the right, must be equal or 1)"
+            ) from None
+
+
+def _count(shape: tuple, axis: int | tuple | None) -> int:
+    """How many elements a reduction over `axis` combines into one."""
+    if axis is None:
+        return int(np.prod(shape))
+    axes = (axis,) if isinstance(axis, int) else axis
+    return int(np.prod([shape[a] for a in axes]))
+
+
+def _keep(g: np.ndarray, axis: Any, shape: tuple, keepdims: bool) -> np.ndarray:
+    """Re-insert the reduced axes (as size 1) so a reduction's gradient broadcasts to `shape`."""
+    if keepdims or axis is None:
+        return g.reshape((1,) * len(shape)) if axis is None else g
+    axes = (axis,) if isinstance(axis, int) else axis
+    return np.expand_dims(g, tuple(a % len(shape) for a in axes))
+
+
+def _index_data(index: Any) -> Any:
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+def _is_basic(index: Any) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, int | slice | type(Ellipsis) | type(None)) for i in parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Module-level ops
+# ----------------------------------------------------------------------------------------------
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for 1-D, 2-D and batched N-D operands (NumPy rules, broadcast batch axes).
+
+    (N, L, D) @ (D, O) is folded into one 2-D product (N*L, D) @ (D, O): one large BLAS call.
+    """
+    a, b = _tensor(a), _tensor(b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul needs operands with at least 1 axis, got {a.shape} @ {b.shape}")
+    k_a = a.shape[-1]
+    k_b = b.shape[-2] if b.ndim > 1 else b.shape[0]
+    if k_a != k_b:
+        raise ValueError(
+            f"matmul: shapes {a.shape} @ {b.shape} do not match: the last axis of the left "
+            f"operand ({k_a}) must equal the {'second-to-last' if b.ndim > 1 else 'only'} axis "
+            f"of the right operand ({k_b})"
+        )
+    if a.ndim > 2 and b.ndim > 2:
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(
+                f"matmul: shapes {a.shape} @ {b.shape}: the batch axes {a.shape[:-2]} and "
+                f"{b.shape[:-2]} cannot be broadcast together"
+            ) from None
+    x, w = a.data, b.data
+    if x.ndim == 1 or w.ndim == 1:  # promote vectors to matrices, then drop the added axis
+        x2 = x[None] if x.ndim == 1 else x
+        w2 = w[:, None] if w.ndim == 1 else w
+        out2 = _matmul_nd(x2, w2)
+        out = out2[..., 0, :] if x.ndim == 1 else out2
+        out = out[..., 0] if w.ndim == 1 else out
+
+        def backward(g):
+            g2 = g.reshape(out2.shape)
+            ga = g2 @ np.swapaxes(w2, -1, -2)
+            gb = np.swapaxes(x2, -1, -2) @ g2
+            return (ga[..., 0, :] if x.ndim == 1 else ga), (gb[..., 0] if w.ndim == 1 else gb)
+
+        return record("matmul", out, (a, b), backward, saved=(a, b))
+
+    if w.ndim == 2:  # fold the leading axes of x: one 2-D product
+
+        def backward(g):
+            g2 = g.reshape(-1, g.shape[-1])
+            ga = (g2 @ w.T).reshape(x.shape) if a.requires_grad else None
+            gb = x.reshape(-1, x.shape[-1]).T @ g2 if b.requires_grad else None
+            return ga, gb
+
+        return record("matmul", _matmul_nd(x, w), (a, b), backward, saved=(a, b))
+
+    def backward(g):
+        ga = g @ np.swapaxes(w, -1, -2) if a.requires_grad else None
+        gb = np.swapaxes(x, -1, -2) @ g if b.requires_grad else None
+        return ga, gb
+
+    return record("matmul", np.matmul(x, w), (a, b), backward, saved=(a, b))
+
+
+def _matmul_nd(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    if w.ndim == 2 and x.ndim > 2:
+        return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[1],))
+    return np.matmul(x, w)
+
+
+def maximum(a: Any, b: Any) -> Tensor:
+    """Elementwise maximum; where a == b the gradient is split evenly."""
+    return _pick(a, b, np.greater, "maximum")
+
+
+def minimum(a: Any, b: Any) -> Tensor:
+    """Elementwise minimum; where a == b the gradient is split evenly."""
+    return _pick(a, b, np.less, "minimum")
+
+
+def _pick(a: Any, b: Any, wins: Callable, op: str) -> Tensor:
+    a, b = _pair(a, b)
+    _check_broadcast(op, a, b)
+    x, y = a.data, b.data
+    share = np.where(wins(x, y), 1.0, np.where(x == y, 0.5, 0.0)).astype(_float(x, y))
+    out = np.where(wins(x, y) | (x == y), x, y)
+    return record(op, out, (a, b), lambda g: (g * share, g * (1 - share)), saved=(a, b))
+
+
+def where(condition: Any, a: Any, b: Any) -> Tensor:
+    """Pick from a where condition is True, else from b.
+
+    The branch not taken gets an exact zero gradient (never g * 0, so an inf or NaN upstream does
+    not leak in). A NaN can still come from *inside* an untaken branch, e.g. the backward of
+    sqrt(x) at x < 0: guard the input too, `where(x > 0, sqrt(where(x > 0, x, 1)), 0)`.
+    """
+    cond = _data(condition).astype(bool)
+    a, b = _pair(a, b)
+    zero = np.zeros((), dtype=_float(a.data, b.data))
+    out = np.where(cond, a.data, b.data)
+    return record(
+        "where", out, (a, b), lambda g: (np.where(cond, g, zero), np.where(cond, zero, g))
+    )
+
+
+def concatenate(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors along an existing axis."""
+    tensors = [_tensor(t) for t in tensors]
+    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+    out = np.concatenate([t.data for t in tensors], axis=axis)
+    return record("concatenate", out, tensors, lambda g: np.split(g, bounds, axis=axis))
+
+
+def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors along a new axis."""
+    tensors = [_tensor(t) for t in tensors]
+    out = np.stack([t.data for t in tensors], axis=axis)
+    return record(
+        "stack", out, tensors, lambda g: [np.take(g, i, axis=axis) for i in range(len(tensors))]
+    )
+
+
+def split(x: Tensor, indices_or_sections: int | Sequence[int], axis: int = 0) -> list[Tensor]:
+    """np.split for tensors: each piece is a slice of x, with the slice's gradient."""
+    x = _tensor(x)
+    n = x.shape[axis]
+    if isinstance(indices_or_sections, int):
+        if n % indices_or_sections:
+            raise ValueError(
+                f"split: axis {axis} of length {n} does not divide into "
+                f"{indices_or_sections} equal parts"
+            )
+        step = n // indices_or_sections
+        cuts = list(range(step, n, step))
+    else:
+        cuts = list(indices_or_sections)
+    edges = [0, *cuts, n]
+    lead = (slice(None),) * (axis % x.ndim)
+    return [x[(*lead, slice(lo, hi))] for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def pad(x: Tensor, pad_width: Any, constant_values: float = 0.0) -> Tensor:
+    """Constant padding (np.pad semantics for pad_width); the gradient is the inner slice."""
+    x = _tensor(x)
+    widths = np.broadcast_to(np.asarray(pad_width, dtype=int), (x.ndim, 2))
+    inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(widths, x.shape, strict=True))
+    out = np.pad(x.data, widths, constant_values=constant_values)
+    return record("pad", out, (x,), lambda g: (g[inner],))
+
+
+def _tensor(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def _pair(a: Any, b: Any) -> tuple[Tensor, Tensor]:
+    """Two operands as tensors; a Python number takes the other operand's dtype."""
+    if isinstance(a, Tensor):
+        return a, a._wrap(b)
+    if isinstance(b, Tensor):
+        return b._wrap(a), b
+    return Tensor(a), Tensor(b)
+
+
+def _float(*arrays: np.ndarray) -> np.dtype:
+    dtype = np.result_type(*arrays)
+    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(DEFAULT_DTYPE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Constructors
+# ----------------------------------------------------------------------------------------------
+
+
+def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
+    """Make a tensor from array-like data (Python floats become float32)."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+
+
+def _shape(shape: tuple) -> tuple:
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+
+
+def zeros(*shape: Any, dtype: Any = DEFAULT_DTYPE, requires_grad: bool = False) -> Tensor:
+    return Tensor(np.zeros(_shape(shape), dtype=dtype), requires_grad=requires_grad)
+
+
+def ones(*shape: Any, dtype: Any = DEFAULT_DTYPE, requires_grad: bool = False) -> Tensor:
+    return Tensor(np.ones(_shape(shape), dtype=dtype), requires_grad=requires_grad)
+
+
+def randn(*shape: Any, dtype: Any = DEFAULT_DTYPE, requires_grad: bool = False) -> Tensor:
+    """Standard normal samples from tinymm's generator (see manual_seed)."""
+    data = _rng.standard_normal(_shape(shape)).astype(dtype)
+    return Tensor(data, requires_grad=requires_grad)
+
+
+def arange(*args: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    """np.arange; integer arguments give an integer tensor, float ones float32."""
+    data = np.arange(*args, dtype=dtype)
+    if dtype is None and data.dtype == np.float64:
+        data = data.astype(DEFAULT_DTYPE)
+    return Tensor(data, requires_grad=requires_grad)
+
+
+def zeros_like(x: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    return Tensor(np.zeros_like(_data(x), dtype=dtype), requires_grad=requires_grad)
+
+
+def ones_like(x: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    return Tensor(np.ones_like(_data(x), dtype=dtype), requires_grad=requires_grad)
+
+
+__all__ = [
+    "DEFAULT_DTYPE",
+    "Node",
+    "Tensor",
+    "arange",
+    "concatenate",
+    "default_rng",
+    "is_grad_enabled",
+    "manual_seed",
+    "matmul",
+    "maximum",
+    "minimum",
+    "no_grad",
+    "ones",
+    "ones_like",
+    "pad",
+    "randn",
+    "record",
+    "split",
+    "stack",
+    "sum_to",
+    "tensor",
+    "where",
+    "zeros",
+    "zeros_like",
+]

@@ -1,0 +1,85 @@
+"""Multi-head attention and the pre-norm transformer block.
+
+Each token has three representations, as a query, a key and a value (the lecture's recap):
+
+    Q = X W^Q,  K = C W^K,  V = C W^V        (C = X for self-attention, the context otherwise)
+    attn(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V        per head, d_k = dim / heads
+
+Cross-attention (queries from x, keys and values from a context) is how a VLM's text looks at
+image tokens and how a diffusion U-Net looks at the text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import functional as F
+from ..tensor import Tensor
+from .layers import MLP, Dropout, LayerNorm, Linear
+from .module import Module
+
+
+class MultiHeadAttention(Module):
+    """Self- or cross-attention with `heads` heads over sequences (N, L, dim)."""
+
+    def __init__(self, dim: int, heads: int, bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"MultiHeadAttention: dim {dim} is not divisible by heads {heads}")
+        self.dim, self.heads = dim, heads
+        self.q_proj = Linear(dim, dim, bias)
+        self.k_proj = Linear(dim, dim, bias)
+        self.v_proj = Linear(dim, dim, bias)
+        self.out_proj = Linear(dim, dim, bias)
+
+    def _split(self, x: Tensor) -> Tensor:
+        n, length, _ = x.shape  # (N, L, D) -> (N, heads, L, D/heads)
+        return x.reshape(n, length, self.heads, self.dim // self.heads).transpose(0, 2, 1, 3)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Any = None,
+        causal: bool = False,
+        return_weights: bool = False,
+    ) -> Any:
+        """x (N, L_q, dim), context (N, L_k, dim) or None, mask broadcastable to
+        (N, heads, L_q, L_k) with True = may attend. Returns (N, L_q, dim), and with
+        return_weights the attention weights (N, heads, L_q, L_k)."""
+        source = x if context is None else context
+        q = self._split(self.q_proj(x))
+        k = self._split(self.k_proj(source))
+        v = self._split(self.v_proj(source))
+        out = F.scaled_dot_product_attention(
+            q, k, v, mask=mask, causal=causal, return_weights=return_weights
+        )
+        out, weights = out if return_weights else (out, None)
+        n, _, length, _ = out.shape  # (N, heads, L, D/heads) -> (N, L, D)
+        out = self.out_proj(out.transpose(0, 2, 1, 3).reshape(n, length, self.dim))
+        return (out, weights) if return_weights else out
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}"
+
+
+class TransformerBlock(Module):
+    """Pre-norm block: x = x + attn(ln1(x)); x = x + mlp(ln2(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads)
+        self.ln2 = LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.dropout = Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, mask: Any = None, causal: bool = False, return_weights: bool = False
+    ) -> Any:
+        """x (N, L, dim) -> (N, L, dim); with return_weights also the attention weights."""
+        h = self.attn(self.ln1(x), mask=mask, causal=causal, return_weights=return_weights)
+        h, weights = h if return_weights else (h, None)
+        x = x + self.dropout(h)
+        x = x + self.dropout(self.mlp(self.ln2(x)))
+        return (x, weights) if return_weights else x

@@ -127,7 +127,9 @@ def mel_filterbank(
     Band edges ``f_0 < f_1 < ... < f_{n_mels+1}`` are ``mel_frequencies(n_mels + 2, fmin, fmax)``.
     Filter m rises linearly from 0 at ``f_m`` to 1 at its centre ``f_{m+1}`` and falls back to 0
     at ``f_{m+2}``, evaluated at the FFT bin frequencies ``f_k``:
-        ``F[m, k] = max(0, min((f_k - f_m) / (f_{m+1} - f_m), (f_{m+2} - f_k) / (f_{m+2} - f_{m+1})))``
+        ``rising[m, k] = (f_k - f_m) / (f_{m+1} - f_m)``,
+        ``falling[m, k] = (f_{m+2} - f_k) / (f_{m+2} - f_{m+1})``,
+        ``F[m, k] = max(0, min(rising, falling))``.
     ``norm="slaney"`` multiplies filter m by ``2 / (f_{m+2} - f_m)`` so each triangle has unit
     area in Hz (wide high filters do not dominate); ``norm=None`` leaves the peaks at 1.
     Same values as ``librosa.filters.mel``. Shape ``(n_mels, 1 + n_fft // 2)``, ``dtype``.
@@ -170,10 +172,11 @@ def mel_filterbank(
 def get_window(window: str | np.ndarray, n: int) -> np.ndarray:
     """A periodic window of length n (scipy's ``fftbins=True``, as librosa uses for the STFT).
 
-    ``"hann"``: ``w[j] = 0.5 - 0.5 cos(2 pi j / n)``; ``"hamming"``: ``0.54 - 0.46 cos(2 pi j / n)``;
-    ``"boxcar"`` / ``"rectangular"``: ones. An array of length n is returned as is.
-    "Periodic" means one period of the cosine over n samples (w[n] would equal w[0]), which
-    makes shifted copies add up to a constant. Shape ``(n,)``, float64.
+    ``"hann"``: ``w[j] = 0.5 - 0.5 cos(2 pi j / n)``, ``j = 0 .. n - 1``;
+    ``"hamming"``: ``0.54 - 0.46 cos(2 pi j / n)``; ``"boxcar"`` / ``"rectangular"``: ones.
+    An array of length n is returned as is. "Periodic" means one period of the cosine over n
+    samples (w[n] would equal w[0]), which makes shifted copies add up to a constant.
+    Shape ``(n,)``, float64.
     """
     if not isinstance(window, str):
         window = np.asarray(window, dtype=np.float64)
@@ -200,8 +203,8 @@ def get_window(window: str | np.ndarray, n: int) -> np.ndarray:
 def frame(x: np.ndarray, frame_length: int, hop_length: int) -> np.ndarray:
     """Overlapping frames of the last axis as a read-only strided view (no copy).
 
-    ``frames[..., j, t] = x[..., t * hop_length + j]`` for ``t = 0 .. 1 + (N - frame_length) // hop``.
-    Shape ``(..., N)`` -> ``(..., frame_length, n_frames)``: frames along the last axis, as librosa.
+    ``frames[..., j, t] = x[..., t * hop_length + j]``, ``t = 0 .. (N - frame_length) // hop``.
+    Shape ``(..., N)`` -> ``(..., frame_length, n_frames)``, frames along the last axis as librosa.
     """
     x = np.asarray(x)
     n = x.shape[-1]

@@ -99,6 +99,8 @@ def sum_to(grad: np.ndarray, shape: tuple) -> np.ndarray:
     if grad.shape == shape:
         return grad
     lead = grad.ndim - len(shape)
+    if lead < 0 or any(n not in (1, m) for n, m in zip(shape, grad.shape[lead:], strict=True)):
+        raise RuntimeError(f"a gradient of shape {grad.shape} does not broadcast from {shape}")
     axes = tuple(range(lead)) + tuple(
         i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1
     )
@@ -270,7 +272,7 @@ class Tensor:
             for inp, g_inp in zip(node.inputs, node.backward(g), strict=True):
                 if g_inp is None or not inp.requires_grad:
                     continue
-                g_inp = sum_to(g_inp, inp.shape)
+                g_inp = sum_to(g_inp, inp.shape).astype(inp.dtype, copy=False)
                 key = id(inp)
                 grads[key] = g_inp if key not in grads else grads[key] + g_inp
                 pending[key] -= 1
@@ -314,7 +316,8 @@ class Tensor:
         """A Python number takes this tensor's dtype (no float32 -> float64 up-cast)."""
         if isinstance(other, Tensor):
             return other
-        if isinstance(other, int | float | bool) and np.issubdtype(self.dtype, np.floating):
+        number = int | float | bool | np.integer | np.bool_
+        if isinstance(other, number) and np.issubdtype(self.dtype, np.floating):
             return Tensor(np.asarray(other, dtype=self.dtype))
         return Tensor(other)
 
@@ -488,7 +491,7 @@ class Tensor:
     def transpose(self, *axes: Any) -> Tensor:
         """Permute axes (NumPy semantics: no axes reverses them)."""
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], tuple | list) else axes
-        axes = tuple(axes) if axes else tuple(reversed(range(self.ndim)))
+        axes = tuple(a % self.ndim for a in axes) if axes else tuple(reversed(range(self.ndim)))
         inverse = tuple(np.argsort(axes))
         return record(
             "transpose", self.data.transpose(axes), (self,), lambda g: (g.transpose(inverse),)
@@ -675,7 +678,7 @@ def where(condition: Any, a: Any, b: Any) -> Tensor:
     not leak in). A NaN can still come from *inside* an untaken branch, e.g. the backward of
     sqrt(x) at x < 0: guard the input too, `where(x > 0, sqrt(where(x > 0, x, 1)), 0)`.
     """
-    cond = _data(condition).astype(bool)
+    cond = np.asarray(_data(condition), dtype=bool)
     a, b = _pair(a, b)
     zero = np.zeros((), dtype=_float(a.data, b.data))
     out = np.where(cond, a.data, b.data)

@@ -13,15 +13,20 @@ trillions of tokens, a richer pre-tokenisation regex, and special tokens such as
 
 Token ids: 0..255 are the bytes, 256..256+M-1 the M merges (merge i makes id 256+i), and the
 special tokens ("<pad>", "<bos>", "<eos>", plus any extra) come last, so
-``vocab_size = 256 + M + len(special_tokens)``.
+``vocab_size = 256 + M + len(special_tokens)``. Special tokens are ids only: the string "<eos>"
+inside a text is ordinary text (so a text cannot inject control tokens), and `decode` drops
+special ids by default. Together with "surrogatepass" UTF-8 (lone surrogates are legal in a
+Python str) this makes ``decode(encode(s)) == s`` hold for every str s.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +44,7 @@ PRETOKEN_PATTERN = re.compile(r" ?[^\W\d_]+| ?\d| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+"
 
 
 def pretokenize(text: str) -> list[str]:
-    """Cut text into the words BPE merges inside: 'a red  circle.' -> ['a', ' red', ' ', ' circle', '.']."""
+    """Cut text into the words BPE merges in: 'a red  dot.' -> ['a', ' red', ' ', ' dot', '.']."""
     return PRETOKEN_PATTERN.findall(text)
 
 
@@ -61,35 +66,44 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return out
 
 
+def check_merges(merges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Merges as id pairs; merge i may only combine ids made before it (below 256 + i)."""
+    if not isinstance(merges, (list, tuple)):
+        raise ValueError(f"merges must be a list of id pairs, got {type(merges).__name__}")
+    for i, m in enumerate(merges):
+        ok = isinstance(m, (list, tuple)) and len(m) == 2
+        if not (ok and all(type(x) is int and 0 <= x < 256 + i for x in m)):
+            raise ValueError(f"merge {i} must be a pair of ids below {256 + i}, got {m!r}")
+    pairs = [(a, b) for a, b in merges]
+    if len(set(pairs)) < len(pairs):
+        raise ValueError("merges contain the same pair twice")
+    return pairs
+
+
+def check_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:
+    """Distinct non-empty strings that include <pad>, <bos> and <eos>."""
+    tokens = list(special_tokens) if isinstance(special_tokens, (list, tuple)) else [None]
+    if not all(isinstance(s, str) and s for s in tokens) or len(set(tokens)) < len(tokens):
+        raise ValueError(f"special_tokens must be distinct strings, got {special_tokens!r}")
+    if missing := [s for s in REQUIRED_SPECIALS if s not in special_tokens]:
+        raise ValueError(f"special_tokens must include {missing}, got {special_tokens!r}")
+    return tuple(special_tokens)
+
+
 class BPETokenizer:
     """Byte-level BPE tokenizer: 256 byte tokens, learned merges, then special tokens."""
 
     def __init__(self, merges: Sequence[Sequence[int]], special_tokens: Sequence[str]) -> None:
-        if not isinstance(merges, (list, tuple)):
-            raise ValueError(f"merges must be a list of id pairs, got {type(merges).__name__}")
-        self.merges: list[tuple[int, int]] = []
-        for i, m in enumerate(merges):
-            ok = isinstance(m, (list, tuple)) and len(m) == 2
-            if not (ok and all(type(x) is int and 0 <= x < 256 + i for x in m)):
-                raise ValueError(f"merge {i} must be a pair of ids below {256 + i}, got {m!r}")
-            self.merges.append((m[0], m[1]))
+        self.merges = check_merges(merges)
         self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
-        if len(self.ranks) != len(self.merges):
-            raise ValueError("merges contain the same pair twice")
-        specials = list(special_tokens) if isinstance(special_tokens, (list, tuple)) else []
-        if not all(isinstance(s, str) and s for s in specials) or len(set(specials)) < len(
-            specials
-        ):
-            raise ValueError(f"special_tokens must be distinct non-empty strings, got {specials!r}")
-        if missing := [s for s in REQUIRED_SPECIALS if s not in specials]:
-            raise ValueError(f"special_tokens must include {missing}, got {specials!r}")
-        self.special_tokens = tuple(specials)
+        self.special_tokens = check_special_tokens(special_tokens)
         first = 256 + len(self.merges)
         self.special_ids = {s: first + k for k, s in enumerate(self.special_tokens)}
+        self.pad_id, self.bos_id, self.eos_id = (self.special_ids[s] for s in REQUIRED_SPECIALS)
         self.token_bytes = [bytes([b]) for b in range(256)]  # id -> the bytes it stands for
         for a, b in self.merges:
             self.token_bytes.append(self.token_bytes[a] + self.token_bytes[b])
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, tuple[int, ...]] = {}
 
     @classmethod
     def train(
@@ -104,18 +118,18 @@ class BPETokenizer:
         how often they occur; ties go to the smallest pair of ids, so training is deterministic.
         Training stops early (a smaller vocabulary) if every word has become a single token.
         """
-        n_merges = vocab_size - 256 - len(special_tokens)
+        n_merges = vocab_size - 256 - len(check_special_tokens(special_tokens))
         if n_merges < 0:
             raise ValueError(
-                f"vocab_size={vocab_size} is below 256 bytes + {len(special_tokens)} specials"
+                f"vocab_size={vocab_size} < 256 bytes + {len(special_tokens)} specials"
             )
         word_counts = Counter(w for text in texts for w in pretokenize(text))
         words = [to_bytes(w) for w in word_counts]
         counts = list(word_counts.values())
         pair_counts: Counter[tuple[int, int]] = Counter()
         words_with: defaultdict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> word ids
-        for i, (w, c) in enumerate(zip(words, counts)):
-            for pair in zip(w, w[1:]):
+        for i, (w, c) in enumerate(zip(words, counts, strict=True)):
+            for pair in pairwise(w):
                 pair_counts[pair] += c
                 words_with[pair].add(i)
         merges: list[tuple[int, int]] = []
@@ -126,11 +140,11 @@ class BPETokenizer:
             for i in words_with.pop(best):  # only the counts of the words that change
                 old, c = words[i], counts[i]
                 words[i] = new = merge_pair(old, best, new_id)
-                for pair in zip(old, old[1:]):
+                for pair in pairwise(old):
                     pair_counts[pair] -= c
                     if pair_counts[pair] == 0:
                         del pair_counts[pair]
-                for pair in zip(new, new[1:]):
+                for pair in pairwise(new):
                     pair_counts[pair] += c
                     words_with[pair].add(i)
         return cls(merges, special_tokens)
@@ -142,34 +156,22 @@ class BPETokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    @property
-    def pad_id(self) -> int:
-        return self.special_ids["<pad>"]
-
-    @property
-    def bos_id(self) -> int:
-        return self.special_ids["<bos>"]
-
-    @property
-    def eos_id(self) -> int:
-        return self.special_ids["<eos>"]
-
-    def encode_word(self, word: str) -> list[int]:
+    def encode_word(self, word: str) -> tuple[int, ...]:
         """Apply the merges to one pre-token, lowest rank (earliest learned) first, as GPT-2."""
         if word not in self._cache:
             ids = to_bytes(word)
             while len(ids) > 1:
-                pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, len(self.ranks)))
+                pair = min(pairwise(ids), key=lambda p: self.ranks.get(p, len(self.ranks)))
                 if pair not in self.ranks:
                     break
                 ids = merge_pair(ids, pair, 256 + self.ranks[pair])
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[word] = ids
+            self._cache[word] = tuple(ids)
         return self._cache[word]
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = True) -> list[int]:
-        """Text -> token ids. Special-token strings in `text` ("<eos>") are plain text, never ids."""
+        """Text -> token ids. A special token's string in `text` ("<eos>") stays plain text."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids = [self.bos_id] if add_bos else []
@@ -180,8 +182,8 @@ class BPETokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         """Token ids -> text; special ids are dropped, or rendered as "<eos>" etc. if not skipped.
 
-        Bytes that are not valid UTF-8 (e.g. a cut-off emoji) decode to U+FFFD, so
-        decode(encode(s)) == s for every str s, lone surrogates included.
+        Ids from `encode` always form valid (surrogatepass) UTF-8; other ids, such as a model's
+        cut-off emoji, may not, and their invalid bytes decode to U+FFFD.
         """
         parts, buf = [], bytearray()
         special_names = {i: s for s, i in self.special_ids.items()}
@@ -220,10 +222,12 @@ class BPETokenizer:
         return ids, mask
 
     def save(self, path: str | Path) -> None:
-        """Write merges and special tokens as JSON."""
+        """Write merges and special tokens as JSON; a failed save keeps the previous file."""
         data = {"format": FORMAT, "version": VERSION, "special_tokens": list(self.special_tokens)}
         data["merges"] = [list(m) for m in self.merges]
-        Path(path).write_text(json.dumps(data), encoding="utf-8")
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
@@ -240,7 +244,7 @@ class BPETokenizer:
 
 
 def _utf8(buf: bytes | bytearray) -> str:
-    """Bytes -> str, keeping lone surrogates; only an invalid sequence falls back to U+FFFD."""
+    """Bytes -> str, keeping lone surrogates; if any byte is invalid, errors="replace" instead."""
     try:
         return bytes(buf).decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:

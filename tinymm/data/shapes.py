@@ -27,6 +27,8 @@ How a picture is made (`make_shapes`):
 3. The background is a dark neutral grey with a gentle linear gradient; the object is
    composited over it, `image = (1 - alpha) * background + alpha * colour`, and light
    Gaussian noise is added to the whole picture.
+4. With two objects, the objects sit in different cells and never touch: where the small
+   jitter would make them touch, their centres are redrawn anywhere inside their own cells.
 
 Nothing is downloaded, no global random state is touched, and the same seed gives bitwise
 the same arrays. For the train / val / test split see `splits`; for the compositional
@@ -87,8 +89,9 @@ HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 SIZE_RADIUS = (0.12, 0.18)  # radius of the farthest vertex, as a fraction of the image side
-CELL_CENTRES = (0.23, 0.5, 0.77)  # where the 3x3 grid places an object, fraction of the side
+CELL_CENTRES = (0.25, 0.5, 0.75)  # where the 3x3 grid places an object, fraction of the side
 POSITION_JITTER = 0.03  # +- fraction of the image side
+CELL_MARGIN = 0.04  # a centre moved within its cell stays this far inside (fraction of side)
 SCALE_JITTER = 0.08  # +- relative size
 ROTATION_JITTER = 15.0  # +- degrees
 COLOUR_JITTER = 0.04  # +- per channel
@@ -98,7 +101,7 @@ NOISE_STD = 0.015
 SUPERSAMPLE = 4  # draw at 4x, then box-filter down: anti-aliasing
 MIN_IMAGE_SIZE = 16
 MAX_OBJECTS = 2
-MIN_GAP = 0.03  # two objects' bounding circles stay this far apart (fraction of the side)
+MIN_GAP = 0.05  # two objects' bounding circles stay this far apart (fraction of the side)
 
 
 def _star(points: int = 5, inner: float = 0.5) -> np.ndarray:
@@ -236,10 +239,11 @@ class ShapesData:
         )
 
     def attributes(self, i: int) -> tuple[Attributes, ...]:
-        """The objects of image i by name; `parse_caption(data.captions[i]) == data.attributes(i)`."""
+        """The objects of image i by name: `parse_caption(data.captions[i])` gives them back."""
         labels = [np.atleast_1d(a[i]) for a in (self.shape, self.colour, self.size, self.position)]
         return tuple(
-            Attributes(SHAPES[s], COLOURS[c], SIZES[z], POSITIONS[p]) for s, c, z, p in zip(*labels)
+            Attributes(SHAPES[s], COLOURS[c], SIZES[z], POSITIONS[p])
+            for s, c, z, p in zip(*labels, strict=True)
         )
 
 
@@ -260,31 +264,37 @@ def _pair_indices(pairs: Sequence[tuple[str, str]] | None) -> np.ndarray:
     return np.array(sorted(set(out)))
 
 
-def _sample_layout(
-    rng: np.random.Generator, n: int, objects: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Sizes, cells and jitter for n images of `objects` objects each.
-
-    Returns size (n, K), position (n, K) (distinct cells within an image), centre (n, K, 2)
-    as (x, y) fractions of the side, radius (n, K) as a fraction of the side, rotation (n, K)
-    in degrees.
-    """
-    size = rng.integers(len(SIZES), size=(n, objects))
-    # distinct cells: the k-th object takes a uniform cell among those still free
+def _distinct_cells(rng: np.random.Generator, n: int, objects: int) -> np.ndarray:
+    """(n, objects) cells, uniform and all different within an image: the k-th object takes
+    a uniform cell among those still free."""
     position = np.empty((n, objects), dtype=np.int64)
-    free = np.tile(np.arange(len(POSITIONS)), (n, 1))  # (n, 9), free cells first
+    free = np.tile(np.arange(len(POSITIONS)), (n, 1))  # (n, 9), the free cells first
+    rows = np.arange(n)
     for k in range(objects):
         pick = rng.integers(len(POSITIONS) - k, size=n)
-        position[:, k] = free[np.arange(n), pick]
-        free[np.arange(n), pick] = free[:, len(POSITIONS) - 1 - k]
-    anchors = np.array(CELL_CENTRES)
-    centre = np.stack([anchors[position % 3], anchors[position // 3]], axis=-1)
-    centre += rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=(n, objects, 2))
-    radius = np.array(SIZE_RADIUS)[size] * rng.uniform(
-        1 - SCALE_JITTER, 1 + SCALE_JITTER, (n, objects)
-    )
-    rotation = rng.uniform(-ROTATION_JITTER, ROTATION_JITTER, size=(n, objects))
-    return size, position, centre, radius, rotation
+        position[:, k] = free[rows, pick]
+        free[rows, pick] = free[:, len(POSITIONS) - 1 - k]
+    return position
+
+
+def _place(
+    rng: np.random.Generator, position: np.ndarray, size: np.ndarray, anywhere_in_cell: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (..., 2) as (x, y) fractions of the side, and radii (...,) of objects.
+
+    Normally an object sits at its cell's point of CELL_CENTRES, +-POSITION_JITTER.
+    With anywhere_in_cell, its centre is uniform over the cell (CELL_MARGIN in from the
+    cell's edges and a radius in from the image's edges); used to move two objects apart.
+    """
+    scale = rng.uniform(1 - SCALE_JITTER, 1 + SCALE_JITTER, size=size.shape)
+    radius = np.array(SIZE_RADIUS)[size] * scale
+    cell = np.stack([position % 3, position // 3], axis=-1)  # (..., 2) column, row
+    if anywhere_in_cell:
+        low = np.maximum(cell / 3 + CELL_MARGIN, radius[..., None])
+        high = np.minimum((cell + 1) / 3 - CELL_MARGIN, 1 - radius[..., None])
+        return low + (high - low) * rng.uniform(size=cell.shape), radius
+    jitter = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=cell.shape)
+    return np.array(CELL_CENTRES)[cell] + jitter, radius
 
 
 def _overlapping(centre: np.ndarray, radius: np.ndarray) -> np.ndarray:
@@ -340,9 +350,9 @@ def make_shapes(
     """Draw n captioned images of coloured shapes.
 
     Each object's (shape, colour) is uniform over `pairs` (default: every pair), its size and
-    cell uniform; with objects=2 the two objects sit in different cells and never touch
-    (layouts where they would are drawn again, so two large objects in neighbouring cells
-    are rare). Same seed, same arguments -> bitwise the same data.
+    cell uniform and independent; with objects=2 the two objects sit in different cells and
+    never touch (where they would, their centres are redrawn anywhere inside their cells
+    until they are apart). Same seed, same arguments -> bitwise the same data.
 
     Returns ShapesData with images (n, image_size, image_size, 3) float32 in [0, 1].
     """
@@ -357,13 +367,16 @@ def make_shapes(
 
     pair = allowed[rng.integers(len(allowed), size=(n, objects))]  # (n, K, 2)
     shape, colour = pair[..., 0], pair[..., 1]
-    size, position, centre, radius, rotation = _sample_layout(rng, n, objects)
-    redo = _overlapping(centre, radius)
-    while redo.any():
-        layout = _sample_layout(rng, int(redo.sum()), objects)
-        for full, part in zip((size, position, centre, radius, rotation), layout):
-            full[redo] = part
-        redo = _overlapping(centre, radius)
+    size = rng.integers(len(SIZES), size=(n, objects))
+    position = _distinct_cells(rng, n, objects)
+    centre, radius = _place(rng, position, size, anywhere_in_cell=False)
+    rotation = rng.uniform(-ROTATION_JITTER, ROTATION_JITTER, size=(n, objects))
+    # Two objects that would touch are moved apart within their own cells (the labels stay
+    # as drawn): two large objects in neighbouring cells end up near the far sides.
+    redo = np.flatnonzero(_overlapping(centre, radius))
+    while len(redo) > 0:
+        centre[redo], radius[redo] = _place(rng, position[redo], size[redo], anywhere_in_cell=True)
+        redo = redo[_overlapping(centre[redo], radius[redo])]
 
     # objects of an image in reading order of their cells, so the caption is canonical
     order = np.argsort(position, axis=1)
@@ -374,27 +387,24 @@ def make_shapes(
 
     rgb = COLOUR_RGB[colour] + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=(n, objects, 3))
     rgb = np.clip(rgb, 0, 1).astype(np.float32)  # (n, K, 3)
-    images = np.broadcast_to(_background(rng, n, image_size), (n, image_size, image_size, 3))
-    images = images.copy()
+    alpha = np.empty((n, objects, image_size, image_size, 1), dtype=np.float32)
     for i in range(n):
         for k in range(objects):
-            alpha = _draw_alpha(shape[i, k], centre[i, k], radius[i, k], rotation[i, k], image_size)
-            alpha = alpha[..., None]  # (H, W, 1)
-            images[i] += alpha * (rgb[i, k] - images[i])  # (1 - alpha) * image + alpha * rgb
-    images += rng.normal(0, NOISE_STD, size=images.shape).astype(np.float32)
+            coverage = _draw_alpha(
+                shape[i, k], centre[i, k], radius[i, k], rotation[i, k], image_size
+            )
+            alpha[i, k, ..., 0] = coverage
+
+    images = np.repeat(_background(rng, n, image_size), 3, axis=-1)  # (n, H, W, 3) grey
+    for k in range(objects):  # (1 - alpha) * image + alpha * rgb, one object over the other
+        images += alpha[:, k] * (rgb[:, k, None, None, :] - images)
+    images += NOISE_STD * rng.standard_normal(images.shape, dtype=np.float32)
     np.clip(images, 0, 1, out=images)
 
-    captions = [
-        make_caption(
-            [
-                Attributes(SHAPES[s], COLOURS[c], SIZES[z], POSITIONS[p])
-                for s, c, z, p in zip(shape[i], colour[i], size[i], position[i])
-            ]
-        )
-        for i in range(n)
-    ]
     labels = [a[:, 0] if objects == 1 else a for a in (shape, colour, size, position)]
-    return ShapesData(images, *(a.astype(np.int64) for a in labels), captions=captions)
+    data = ShapesData(images, *(a.astype(np.int64) for a in labels), captions=[])
+    data.captions = [make_caption(data.attributes(i)) for i in range(n)]
+    return data
 
 
 def splits(

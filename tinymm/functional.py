@@ -88,7 +88,7 @@ def gelu(x: Tensor, approximate: str = "tanh") -> Tensor:
     x = _t(x)
     a = x.data
     if approximate == "tanh":
-        t = np.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a**3))
+        t = np.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a * a * a))
         out = 0.5 * a * (1 + t)
 
         def backward(g):
@@ -124,7 +124,7 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """y_i = x_i - logsumexp(x);  dx = g - softmax(x) * sum(g)."""
     x = _t(x)
-    y = x.data - _logsumexp(x.data, axis)
+    y = _log_softmax(x.data, axis)
     return record(
         "log_softmax", y, (x,), lambda g: (g - np.exp(y) * g.sum(axis=axis, keepdims=True),)
     )
@@ -138,7 +138,7 @@ def logsumexp(x: Tensor, axis: int = -1, keepdims: bool = False) -> Tensor:
 
     def backward(g):
         g = g if keepdims else np.expand_dims(g, axis)
-        return (g * np.exp(x.data - lse),)
+        return (g * np.exp(_log_softmax(x.data, axis)),)  # not exp(x - lse): lse is rounded
 
     return record("logsumexp", out, (x,), backward, saved=(x,))
 
@@ -146,6 +146,13 @@ def logsumexp(x: Tensor, axis: int = -1, keepdims: bool = False) -> Tensor:
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
     m = a.max(axis=axis, keepdims=True)
     return m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))
+
+
+def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
+    """(x - m) - log sum e^{x - m}: x - m is exact, so this keeps its precision for |x| ~ 1e4,
+    where x - logsumexp(x) would lose it (logsumexp is rounded at the scale of x)."""
+    shifted = a - a.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +185,7 @@ def cross_entropy(
     if np.any((t[valid] < 0) | (t[valid] >= n_classes)):
         raise IndexError(f"cross_entropy: targets must lie in [0, {n_classes}) or be ignore_index")
     count = valid.sum()
-    log_p = z - _logsumexp(z, -1)
+    log_p = _log_softmax(z, -1)
     safe_t = np.where(valid, t, 0)
     rows = np.arange(len(t))
     eps = label_smoothing

@@ -1,1 +1,29 @@
 """Synthetic, seeded data sets (shapes, sounds), the tokenizer, and batching."""
+
+from .batching import batches
+from .shapes import (
+    COLOURS,
+    HELDOUT_PAIRS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapesData,
+    make_shapes,
+    parse_caption,
+    splits,
+)
+from .tokenizer import BPETokenizer
+
+__all__ = [
+    "BPETokenizer",
+    "COLOURS",
+    "HELDOUT_PAIRS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "ShapesData",
+    "batches",
+    "make_shapes",
+    "parse_caption",
+    "splits",
+]

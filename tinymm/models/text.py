@@ -1,0 +1,61 @@
+"""A text transformer: token + learned position embeddings, causal pre-norm blocks, final norm.
+
+The text tower of CLIP and the decoder of a small language model are this same stack:
+
+    Z_text = E_tok[ids] + E_pos[:L]                  (N, L) -> (N, L, D)
+    Z = block_l(Z, causal)  for l = 1..depth         token i may attend only to tokens <= i
+    Z = LayerNorm(Z)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import nn
+from ..tensor import DEFAULT_DTYPE, Tensor, default_rng
+
+
+class TextTransformer(nn.Module):
+    """Causal transformer over token ids (N, L) -> token states (N, L, dim)."""
+
+    def __init__(
+        self, vocab_size: int, max_len: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4
+    ):
+        super().__init__()
+        self.vocab_size, self.max_len, self.dim = vocab_size, max_len, dim
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.token_embedding.weight.data[...] = 0.02 * default_rng().standard_normal(
+            (vocab_size, dim)
+        )
+        self.pos_embedding = nn.Parameter(
+            (0.02 * default_rng().standard_normal((max_len, dim))).astype(DEFAULT_DTYPE)
+        )
+        self.blocks = nn.ModuleList(
+            nn.TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)
+        )
+        self.ln_final = nn.LayerNorm(dim)
+
+    def encode(self, ids: np.ndarray, return_weights: bool = False) -> Any:
+        """Every token's final state (N, L, dim); with return_weights also the attention
+        weights of every block, stacked (depth, N, heads, L, L)."""
+        ids = np.asarray(ids)
+        length = ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence of length {length} is longer than max_len {self.max_len}")
+        x = self.token_embedding(ids) + self.pos_embedding[:length]
+        weights = []
+        for block in self.blocks:
+            x = block(x, causal=True, return_weights=return_weights)
+            if return_weights:
+                x, w = x
+                weights.append(w.data)
+        x = self.ln_final(x)
+        return (x, np.stack(weights)) if return_weights else x
+
+    def forward(self, ids: np.ndarray, eos_positions: np.ndarray) -> Tensor:
+        """The state at each sequence's [EOS] token (N, dim): causal attention makes it a
+        summary of the whole text before it, as CLIP's text tower."""
+        states = self.encode(ids)
+        return states[np.arange(len(states)), np.asarray(eos_positions)]

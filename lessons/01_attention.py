@@ -48,7 +48,7 @@ rng = np.random.default_rng(args.seed)
 t_start = time.perf_counter()
 
 
-# --- data: digits, separator, reversed digits ------------------------------------------------------
+# --- data: digits, separator, reversed digits ---------------------------------------------------
 def reversal_task(digits: np.ndarray) -> np.ndarray:
     """(n, N_DIGITS) digits -> (n, 2 N_DIGITS + 1) sequences: digits, SEP, digits reversed."""
     sep = np.full((len(digits), 1), SEP)
@@ -126,7 +126,7 @@ history = fit(
 )
 
 
-# --- evaluate: held-out sequences, and real generation one token at a time --------------------------
+# --- evaluate: held-out sequences, and real generation one token at a time ----------------------
 model.eval()
 test_accuracy = sequence_accuracy(test_seq)
 

@@ -1,0 +1,51 @@
+"""The lesson contract, for every lesson.
+
+Each runs with --quick, ends with one valid `result: {json}` line holding its metrics, seconds and
+seed, saves its figures, and the same seed gives the same result.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LESSONS = {  # lesson -> (result keys besides seconds/seed, figures it must save)
+    "01_attention": ({"test_accuracy"}, {"loss.png", "attention.png"}),
+}
+
+
+def run_lesson(name: str, out: Path, seed: int = 0) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "lessons" / f"{name}.py"), "--quick", "--seed", str(seed),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("result: "), lines[-5:]
+    assert sum(line.startswith("result: ") for line in lines) == 1
+    assert any(line.startswith("step ") for line in lines), "no progress line"
+    return json.loads(lines[-1][len("result: "):])
+
+
+@pytest.mark.parametrize("name", sorted(LESSONS))
+def test_lesson_quick_run_keeps_the_contract(name, tmp_path):
+    keys, figures = LESSONS[name]
+    first = run_lesson(name, tmp_path / "a")
+    assert keys | {"seconds", "seed"} <= set(first)
+    assert first["seed"] == 0
+    for key in keys:
+        assert isinstance(first[key], int | float) and 0 <= first[key] <= 1, (key, first[key])
+    for figure in figures:
+        assert (tmp_path / "a" / figure).stat().st_size > 1000, figure
+    second = run_lesson(name, tmp_path / "b")
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert strip(first) == strip(second), "same seed, different result"
+
+
+def test_lessons_main_lists_every_lesson():
+    scripts = sorted(p.stem for p in (ROOT / "lessons").glob("[0-9][0-9]_*.py"))
+    assert scripts == sorted(LESSONS), "every lesson needs an entry in LESSONS"

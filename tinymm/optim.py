@@ -1,0 +1,345 @@
+"""Optimizers (SGD, Adam, AdamW), gradient clipping and the warmup + cosine learning-rate schedule.
+
+After `loss.backward()` every parameter p holds its gradient g = dL/dp in `p.grad`. An optimizer
+moves each p a little against g, in place (`p.sub_`, `p.mul_`: the version counter moves, so a
+graph that saved p notices), inside `no_grad`. It may keep buffers per parameter (momentum,
+moment estimates) in `optimizer.state`.
+
+    opt = AdamW(model.parameters(), lr=3e-4)
+    for step in range(total):
+        set_lr(opt, cosine_schedule(step, total, warmup=100, base_lr=3e-4))
+        opt.zero_grad()
+        loss = ...; loss.backward()
+        clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+Parameter groups give different parameters different hyper-parameters, e.g. no weight decay for
+biases, norms and embeddings:
+
+    AdamW([{"params": weights}, {"params": biases_and_norms, "weight_decay": 0.0}], lr=3e-4)
+
+Semantics and defaults are PyTorch's (torch.optim.SGD / Adam / AdamW), so results carry over.
+Each step updates one parameter at a time (`_update`); a flat, vectorised update over all
+parameters at once would replace exactly that method.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .tensor import Tensor, no_grad
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+class Optimizer:
+    """Base class: parameter groups, `zero_grad`, `step`, and a flat `state_dict` for checkpoints.
+
+    A subclass sets `defaults` (its hyper-parameters), `state_names` (the per-parameter buffers
+    it keeps) and writes `_update(p, grad, state, group)` for one parameter.
+    """
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]):
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of Tensors (e.g. model.parameters())")
+        self.defaults = defaults
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        for group in groups:
+            self.add_param_group(group)
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        """Add a group {"params": [...], name: value, ...}; missing names take the defaults."""
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"a parameter group is a dict with a 'params' key, got {group!r}")
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"parameter {i} of group {len(self.param_groups)} is a {type(p)}")
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        if len({id(p) for p in params}) != len(params) or any(id(p) in known for p in params):
+            raise ValueError("a parameter appears more than once in the optimizer's groups")
+        group = {**self.defaults, **group, "params": params}
+        _check_hyperparameters(group)
+        self.param_groups.append(group)
+
+    def zero_grad(self) -> None:
+        """Forget the gradients (p.grad = None), so the next backward starts from zero."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    @no_grad()
+    def step(self) -> None:
+        """Update every parameter that has a gradient; parameters without one are skipped."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, p.grad, self.state[p], group)
+
+    def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A flat dict name -> ndarray (copies) that `tinymm.save` writes to an .npz.
+
+        Parameters are numbered 0, 1, ... in group order (as in PyTorch):
+            "param_groups.{g}.params"  int64 indices of group g's parameters
+            "param_groups.{g}.{key}"   each hyper-parameter (lr, betas, ...) as a 0-d or 1-d array
+            "state.{i}.{name}"         parameter i's buffers (e.g. step, exp_avg, exp_avg_sq)
+        """
+        index = {id(p): i for i, p in enumerate(self._params())}
+        out: dict[str, np.ndarray] = {}
+        for g, group in enumerate(self.param_groups):
+            for key, value in group.items():
+                if key == "params":
+                    value = [index[id(p)] for p in value]
+                array = np.array(value, dtype=np.int64 if key == "params" else None)
+                if array.dtype.hasobject:
+                    raise TypeError(f"hyper-parameter {key}={value!r} is not storable as an array")
+                out[f"param_groups.{g}.{key}"] = array
+        for p, state in self.state.items():
+            for name, value in state.items():
+                out[f"state.{index[id(p)]}.{name}"] = np.array(value)
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, np.ndarray]) -> None:
+        """Restore hyper-parameters and buffers saved by `state_dict`, so training resumes exactly.
+
+        The optimizer must have been built over the same parameters in the same groups. Every
+        missing, unexpected or mismatched entry is listed in one ValueError; nothing changes then.
+        """
+        params = self._params()
+        index = {id(p): i for i, p in enumerate(params)}
+        problems: list[str] = []
+        used: set[str] = set()
+        for g, group in enumerate(self.param_groups):
+            for key in group:
+                name = f"param_groups.{g}.{key}"
+                if name not in state_dict:
+                    problems.append(f"missing {name}")
+                    continue
+                used.add(name)
+                if key == "params":
+                    saved = np.asarray(state_dict[name]).tolist()
+                    here = [index[id(p)] for p in group["params"]]
+                    if saved != here:
+                        problems.append(f"{name}: parameters {saved} saved, {here} here")
+
+        buffers: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+        for name, value in state_dict.items():
+            parts = name.split(".")
+            if name in used:
+                continue
+            ok = len(parts) == 3 and parts[0] == "state" and parts[1].isdigit()
+            if not ok or int(parts[1]) >= len(params) or parts[2] not in self.state_names:
+                problems.append(f"unexpected {name}")
+                continue
+            i, buffer, value = int(parts[1]), parts[2], np.asarray(value)
+            shape = () if buffer == "step" else params[i].shape
+            if value.shape != shape:
+                problems.append(f"{name}: shape {value.shape} saved, {shape} expected")
+            buffers[i][buffer] = value
+        for i, saved in buffers.items():
+            problems += [f"missing state.{i}.{b}" for b in self.state_names if b not in saved]
+        if problems:
+            raise ValueError("optimizer state_dict does not match:\n  " + "\n  ".join(problems))
+
+        for g, group in enumerate(self.param_groups):
+            for key in group:
+                if key != "params":
+                    value = np.asarray(state_dict[f"param_groups.{g}.{key}"])
+                    group[key] = value.item() if value.ndim == 0 else tuple(value.tolist())
+        self.state = defaultdict(dict)
+        for i, saved in buffers.items():
+            p = params[i]
+            self.state[p] = {
+                b: int(v) if b == "step" else np.array(v, dtype=p.dtype) for b, v in saved.items()
+            }
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    for key in ("lr", "momentum", "weight_decay", "eps"):
+        if key in group and not group[key] >= 0:
+            raise ValueError(f"invalid {key}: {group[key]!r} (expected a number >= 0)")
+    if "betas" in group and not all(0.0 <= b < 1.0 for b in group["betas"]):
+        raise ValueError(f"invalid betas: {group['betas']!r} (expected each in [0, 1))")
+    if group.get("nesterov") and not group["momentum"] > 0:
+        raise ValueError("nesterov momentum needs momentum > 0")
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
+
+        g_t = dL/dp + lambda p_{t-1}                  (weight decay, if lambda > 0)
+        b_1 = g_1,   b_t = mu b_{t-1} + g_t           (momentum buffer, if mu > 0)
+        d_t = g_t + mu b_t   (nesterov)   or   d_t = b_t   (classic)   or   d_t = g_t   (mu = 0)
+        p_t = p_{t-1} - lr d_t
+
+    As torch.optim.SGD with dampening 0. Buffers: `momentum_buffer`, the shape of p.
+    """
+
+    state_names = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
+        lr, momentum = float(group["lr"]), float(group["momentum"])
+        decay = float(group["weight_decay"])
+        if decay:
+            grad = grad + decay * p.data
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = np.array(grad, dtype=p.dtype)  # b_1 = g_1
+            else:
+                buf *= momentum
+                buf += grad
+            grad = grad + momentum * buf if group["nesterov"] else buf
+        p.sub_(lr * grad)
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015), with weight decay as an L2 term added to the gradient.
+
+        g_t = dL/dp + lambda p_{t-1}                  (weight decay, if lambda > 0)
+        m_t = beta1 m_{t-1} + (1 - beta1) g_t         (first moment: mean of g)
+        v_t = beta2 v_{t-1} + (1 - beta2) g_t^2       (second moment: uncentred variance)
+        m^_t = m_t / (1 - beta1^t),  v^_t = v_t / (1 - beta2^t)     (bias correction, m_0 = v_0 = 0)
+        p_t = p_{t-1} - lr m^_t / (sqrt(v^_t) + eps)
+
+    As torch.optim.Adam (amsgrad off). Buffers: `step` (t, an int), `exp_avg` (m) and
+    `exp_avg_sq` (v), the shape of p. With L2 decay the decay term is also divided by
+    sqrt(v^_t): weights with large gradients are decayed less. AdamW fixes that.
+    """
+
+    state_names = ("step", "exp_avg", "exp_avg_sq")
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
+        lr, eps, decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        if not state:
+            state.update(step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data))
+        state["step"] = t = state["step"] + 1
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+
+        if decay and self.decoupled_weight_decay:
+            p.mul_(1.0 - lr * decay)  # p <- p - lr lambda p
+        elif decay:
+            grad = grad + decay * p.data  # g <- g + lambda p
+        m *= beta1
+        m += (1.0 - beta1) * grad
+        v *= beta2
+        v += (1.0 - beta2) * np.square(grad)
+        denom = np.sqrt(v) / math.sqrt(1.0 - beta2**t) + eps  # sqrt(v^_t) + eps
+        p.sub_((lr / (1.0 - beta1**t)) * m / denom)  # lr m^_t / (sqrt(v^_t) + eps)
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay.
+
+        p'  = p_{t-1} - lr lambda p_{t-1}             (decay the weights directly, not via g)
+        m_t, v_t, m^_t, v^_t as in Adam, from g_t = dL/dp alone
+        p_t = p' - lr m^_t / (sqrt(v^_t) + eps)
+
+    As torch.optim.AdamW (default lambda = 1e-2). Every weight shrinks by the same factor
+    (1 - lr lambda) per step, whatever its gradient history.
+    """
+
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:
+    """Scale all gradients together, in place, so that their joint L2 norm is at most max_norm.
+
+        ||g|| = sqrt( sum over parameters p, entries i of g_{p,i}^2 )   (all grads as one vector)
+        g <- g max_norm / (||g|| + 1e-6)     if that factor is < 1 (as torch.nn.utils)
+
+    Returns ||g|| before clipping, as a float (worth logging: spikes show instability).
+    Parameters without a gradient are skipped.
+    """
+    params = [params] if isinstance(params, Tensor) else params
+    grads = [p.grad for p in params if p.grad is not None]
+    total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
+    scale = float(max_norm) / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g *= scale
+    return total
+
+
+def cosine_schedule(
+    step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.0
+) -> float:
+    """Learning rate at `step` (0-based): linear warmup, then cosine decay to min_lr at `total`.
+
+        lr = base_lr (step + 1) / warmup                                   step < warmup
+        lr = min_lr + (base_lr - min_lr) (1 + cos(pi s)) / 2,              warmup <= step
+             s = min(1, (step - warmup) / (total - warmup))
+
+    So step 0 gets base_lr / warmup, step warmup - 1 and step warmup get base_lr, and every
+    step >= total gets min_lr.
+    """
+    if not 0 <= warmup < total:
+        raise ValueError(f"need 0 <= warmup < total, got warmup={warmup}, total={total}")
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    s = min(1.0, (step - warmup) / (total - warmup))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * s))
+
+
+def set_lr(optimizer: Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group (what a schedule does each step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr)
+
+
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm_", "cosine_schedule", "set_lr"]

@@ -1,0 +1,93 @@
+"""The shared training loop: it learns, logs, checkpoints, and resumes to the same weights."""
+
+import json
+
+import numpy as np
+import pytest
+
+import tinymm as tm
+from tinymm import functional as F
+from tinymm import nn, optim
+from tinymm.data import batches
+from tinymm.train import fit, lesson_args, result_line
+
+
+def _problem(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((200, 5)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    return x, y
+
+
+def _model(seed=0):
+    tm.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.2), nn.Linear(16, 2))
+
+
+def _loss(model, x, y):
+    logits = model(x)
+    return F.cross_entropy(logits, y), float((logits.data.argmax(-1) == y).mean())
+
+
+def _run(steps, checkpoint=None, checkpoint_every=0, resume=False, model=None, log=None):
+    model = model or _model()
+    opt = optim.AdamW(model.parameters(), lr=0.05)
+    history = fit(
+        model,
+        opt,
+        _loss,
+        _problem(),
+        steps=steps,
+        batch_size=32,
+        seed=3,
+        lr=lambda s: optim.cosine_schedule(s, 40, 4, 0.05),
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        log=log or (lambda s: None),
+    )
+    return model, history
+
+
+def test_fit_learns_and_logs_progress():
+    lines = []
+    model, history = _run(40, log=lines.append)
+    assert np.mean(history.loss[-5:]) < 0.5 * history.loss[0]
+    assert len(history.step) == 40 and history.step[-1] == 40
+    last = lines[-1]
+    for part in ("step 40/40", "loss", "acc", "steps/s", "elapsed", "eta"):
+        assert part in last, (part, last)
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    full, _ = _run(40)
+    ckpt = tmp_path / "ckpt.npz"
+    _run(24, checkpoint=ckpt, checkpoint_every=12)  # "crashes" after step 24
+    resumed, history = _run(
+        40, checkpoint=ckpt, checkpoint_every=12, resume=True, model=_model(seed=99)
+    )  # different init: must be overwritten
+    assert history.step[0] == 25
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_batch_stream_covers_each_epoch_once():
+    x = np.arange(10)
+    seen = np.concatenate(
+        [b for (b,) in batches([x], 3, shuffle=True, rng=np.random.default_rng(0))]
+    )
+    assert sorted(seen) == list(range(10))
+    with pytest.raises(ValueError, match="differ in length"):
+        next(batches([x, x[:5]], 2))
+
+
+def test_result_line_is_one_json_line(capsys):
+    line = result_line({"test_accuracy": np.float32(0.98766)}, seconds=12.345, seed=7)
+    assert capsys.readouterr().out.strip() == line
+    payload = json.loads(line[len("result: ") :])
+    assert payload == {"test_accuracy": 0.9877, "seconds": 12.3, "seed": 7}
+
+
+def test_lesson_args_defaults(tmp_path):
+    args = lesson_args("xx", "doc", ["--quick", "--seed", "3", "--out", str(tmp_path / "o")])
+    assert args.quick and args.seed == 3 and args.steps is None and (tmp_path / "o").is_dir()

@@ -92,6 +92,8 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.1):
         super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:

@@ -37,11 +37,11 @@ from tinymm.train import fit, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("01_attention", __doc__)
-N_DIGITS = 8
+N_DIGITS = 16
 SEP = 10  # token ids 0-9 are digits, 10 is the separator
 VOCAB = 11
 DIM, DEPTH, HEADS = 64, 2, 4
-STEPS = args.steps or (60 if args.quick else 1500)
+STEPS = args.steps or (40 if args.quick else 400)
 BATCH = 64
 tm.manual_seed(args.seed)
 rng = np.random.default_rng(args.seed)

@@ -5,7 +5,9 @@ x = tm.tensor([1.0, 2.0, 3.0], requires_grad=True)
 (x * x).sum().backward()      # x.grad == 2 x
 """
 
-from . import functional
+from . import audio, data, functional, models, nn, optim
+from .gradcheck import gradcheck
+from .io import load, save
 from .tensor import (
     DEFAULT_DTYPE,
     Tensor,
@@ -34,19 +36,27 @@ __all__ = [
     "DEFAULT_DTYPE",
     "Tensor",
     "arange",
+    "audio",
     "concatenate",
+    "data",
     "default_rng",
     "functional",
+    "gradcheck",
     "is_grad_enabled",
+    "load",
     "manual_seed",
     "matmul",
     "maximum",
     "minimum",
+    "models",
+    "nn",
     "no_grad",
     "ones",
     "ones_like",
+    "optim",
     "pad",
     "randn",
+    "save",
     "split",
     "stack",
     "tensor",

@@ -5,6 +5,10 @@ x = tm.tensor([1.0, 2.0, 3.0], requires_grad=True)
 (x * x).sum().backward()      # x.grad == 2 x
 """
 
+from . import runtime
+
+runtime.apply()  # before NumPy loads OpenBLAS: see tinymm/runtime.py
+
 from . import audio, data, functional, models, nn, optim
 from .gradcheck import gradcheck
 from .io import load, save

@@ -12,6 +12,8 @@ from .shapes import (
     parse_caption,
     splits,
 )
+from .sounds import CLASS_NAMES as SOUND_CLASSES
+from .sounds import make_sounds
 from .tokenizer import BPETokenizer
 
 __all__ = [

@@ -23,9 +23,11 @@ __all__ = [
     "POSITIONS",
     "SHAPES",
     "SIZES",
+    "SOUND_CLASSES",
     "ShapesData",
     "batches",
     "make_shapes",
+    "make_sounds",
     "parse_caption",
     "splits",
 ]

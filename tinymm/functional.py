@@ -23,6 +23,7 @@ from .tensor import Tensor, default_rng, record
 
 __all__ = [
     "avg_pool2d",
+    "clip_loss",
     "conv2d",
     "cross_entropy",
     "dropout",
@@ -544,3 +545,31 @@ def _attention_mask(mask: Any, causal: bool, lq: int, lk: int) -> np.ndarray | N
         tri = np.tril(np.ones((lq, lk), dtype=bool), k=lk - lq)
         allowed = tri if allowed is None else allowed & tri
     return allowed
+
+
+# ----------------------------------------------------------------------------------------------
+# Contrastive loss (CLIP)
+# ----------------------------------------------------------------------------------------------
+
+
+def clip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Any) -> Tensor:
+    """CLIP's symmetric contrastive loss over a batch of N matching (image, text) pairs.
+
+    With unit-norm rows v_i (images) and t_j (texts), S_ij = v_i . t_j and 1/tau = exp(s):
+        logits = exp(s) S                                       (N, N)
+        L_image->text = CE(logits, 0..N-1)       row i: which text belongs to image i
+        L_text->image = CE(logits^T, 0..N-1)     column j: which image belongs to text j
+        L = (L_image->text + L_text->image) / 2
+    Pair i is the positive of row i and of column i; every other entry is a negative.
+    image_embeds, text_embeds (N, D); logit_scale: scalar tensor s (learned) or float.
+    """
+    image_embeds, text_embeds = _t(image_embeds), _t(text_embeds)
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            "clip_loss: image_embeds and text_embeds must both be (N, D) with the same N and D, "
+            f"got {image_embeds.shape} and {text_embeds.shape}"
+        )
+    scale = logit_scale.exp() if isinstance(logit_scale, Tensor) else math.exp(logit_scale)
+    logits = (image_embeds @ text_embeds.T) * scale  # (N, N): S / tau
+    labels = np.arange(len(logits.data))
+    return (cross_entropy(logits, labels) + cross_entropy(logits.T, labels)) * 0.5

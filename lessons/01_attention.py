@@ -55,8 +55,9 @@ def reversal_task(digits: np.ndarray) -> np.ndarray:
     return np.concatenate([digits, sep, digits[:, ::-1]], axis=1)
 
 
-test_digits = rng.integers(0, 10, size=(1000, N_DIGITS))
-train_digits = rng.integers(0, 10, size=(50_000, N_DIGITS))
+N_TRAIN, N_TEST = (5_000, 200) if args.quick else (50_000, 1_000)
+test_digits = rng.integers(0, 10, size=(N_TEST, N_DIGITS))
+train_digits = rng.integers(0, 10, size=(N_TRAIN, N_DIGITS))
 seen = {row.tobytes() for row in test_digits}
 train_digits = train_digits[[row.tobytes() not in seen for row in train_digits]]  # held out
 train_seq, test_seq = reversal_task(train_digits), reversal_task(test_digits)

@@ -71,6 +71,22 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def test_after_step_runs_after_each_optimizer_step():
+    model = _model()
+    seen = []
+
+    def clamp(done):  # sees the weights the step just wrote, and may change them
+        seen.append((done, model[0].weight.data.copy()))
+        np.clip(model[0].weight.data, -0.05, 0.05, out=model[0].weight.data)
+
+    opt = optim.SGD(model.parameters(), lr=0.5)
+    fit(model, opt, _loss, _problem(), steps=5, batch_size=32, after_step=clamp, log=lambda s: None)
+    assert [d for d, _ in seen] == [1, 2, 3, 4, 5]
+    assert not np.array_equal(seen[0][1], seen[1][1])  # called after the step, not before
+    assert np.abs(seen[-1][1]).max() > 0.05  # the step left the range ...
+    assert np.abs(model[0].weight.data).max() <= 0.05  # ... and the hook's clamp stuck
+
+
 def test_batch_stream_covers_each_epoch_once():
     x = np.arange(10)
     seen = np.concatenate(

@@ -88,6 +88,7 @@ def fit(
     checkpoint_every: int = 0,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    after_step: Callable[[int], None] | None = None,
 ) -> History:
     """Train `model` for `steps` optimizer steps on mini-batches of `data` (aligned arrays).
 
@@ -96,6 +97,8 @@ def fit(
     evaluate() is called every eval_every steps and at the end; its dict goes in the history.
     With `checkpoint`, the model, optimizer, step and random state are saved every
     checkpoint_every steps; resume=True continues from that file if it exists.
+    after_step(done) runs right after each optimizer step (done = steps taken so far), e.g. to
+    clamp a parameter into its range or to record it.
     """
     history = History()
     start_step = 0
@@ -129,6 +132,8 @@ def fit(
         if clip is not None:
             clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
+        if after_step is not None:
+            after_step(step + 1)
         history.step.append(step + 1)
         history.loss.append(float(loss.item()))
         history.metric.append(float(metric))

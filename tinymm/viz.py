@@ -100,3 +100,195 @@ def attention_maps(
                 ax.set_ylabel("query")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+# --- audio (lesson 06) -------------------------------------------------------------------------
+
+
+def _panels(n: int, ncols: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
+    """A figure with n panels in rows of ncols (unused cells hidden), and the n axes."""
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(size[0] * ncols, size[1] * nrows),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def waveforms(
+    waves: np.ndarray,
+    sr: float,
+    titles: Sequence[str],
+    path: str | Path,
+    title: str = "waveforms",
+    ncols: int = 4,
+) -> Path:
+    """One waveform y[n] per panel: amplitude against time t = n / sr in seconds. (n, samples)"""
+    waves = np.asarray(waves)
+    fig, axes = _panels(len(waves), ncols, (3.2, 1.9))
+    time = np.arange(waves.shape[1]) / sr
+    for i, (ax, y, name) in enumerate(zip(axes, waves, titles, strict=True)):
+        ax.plot(time, y, lw=0.3, color="C0")
+        peak = np.abs(y).max() * 1.1 or 1.0
+        ax.set(xlim=(0, time[-1]), ylim=(-peak, peak), title=name)
+        if i % ncols == 0:
+            ax.set_ylabel("amplitude")
+        if i >= len(waves) - ncols:
+            ax.set_xlabel("time (s)")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def spectra(
+    freqs: np.ndarray,
+    panels: Sequence[Sequence[tuple[np.ndarray, str]]],
+    titles: Sequence[str],
+    path: str | Path,
+    title: str = "spectra",
+    ylabel: str = "magnitude (dB)",
+    ylim: tuple[float, float] | None = None,
+    ncols: int = 4,
+) -> Path:
+    """Magnitude spectra against frequency in Hz. Each panel holds one or more (curve, label)
+    pairs, curves of the shape of freqs; a panel with several curves gets a legend."""
+    fig, axes = _panels(len(panels), ncols, (3.2, 1.9))
+    styles = [dict(color="C0", lw=0.5), dict(color="C3", lw=0.8, ls=(0, (2, 2)))]
+    for i, (ax, curves, name) in enumerate(zip(axes, panels, titles, strict=True)):
+        for j, (curve, label) in enumerate(curves):
+            ax.plot(freqs, curve, label=label, **styles[j % len(styles)])
+        ax.set(xlim=(freqs[0], freqs[-1]), title=name)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        if len(curves) > 1:
+            ax.legend(frameon=False, fontsize=7, loc="upper right")
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel)
+        if i >= len(panels) - ncols:
+            ax.set_xlabel("frequency (Hz)")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def spectrograms(
+    images: np.ndarray,
+    titles: Sequence[str],
+    path: str | Path,
+    extent: tuple[float, float, float, float],
+    ylabel: str = "frequency (Hz)",
+    title: str = "spectrograms",
+    yticks: tuple[Sequence[float], Sequence[str]] | None = None,
+    colorbar_label: str = "dB",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    ncols: int = 4,
+) -> Path:
+    """Spectrogram images (n, rows, frames), row 0 = lowest frequency, drawn bottom up over
+    extent = (t_start, t_end, y_low, y_high), time across, with one shared colour bar.
+    yticks = (positions, labels) in the units of the extent, e.g. Hz labels on mel bands."""
+    images = np.asarray(images)
+    vmin = images.min() if vmin is None else vmin
+    vmax = images.max() if vmax is None else vmax
+    fig, axes = _panels(len(images), ncols, (3.2, 2.1))
+    for i, (ax, image, name) in enumerate(zip(axes, images, titles, strict=True)):
+        mappable = ax.imshow(
+            image,
+            origin="lower",
+            aspect="auto",
+            extent=extent,
+            cmap="magma",
+            vmin=vmin,
+            vmax=vmax,
+            interpolation="nearest",
+        )
+        ax.set_title(name)
+        if yticks is not None:
+            ax.set_yticks(*yticks)
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel)
+        if i >= len(images) - ncols:
+            ax.set_xlabel("time (s)")
+    fig.colorbar(mappable, ax=axes, label=colorbar_label, shrink=0.8, pad=0.01)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def mel_filters(
+    filterbank: np.ndarray,
+    freqs: np.ndarray,
+    edges: np.ndarray,
+    path: str | Path,
+    title: str = "mel filterbank",
+) -> Path:
+    """The triangular mel filters against Hz, and how their centres and widths grow.
+
+    filterbank (n_mels, bins) at the bin frequencies freqs (bins,); edges (n_mels + 2,) the band
+    edges in Hz: filter m rises from edges[m], peaks at edges[m + 1], ends at edges[m + 2]."""
+    filterbank, edges = np.asarray(filterbank), np.asarray(edges)
+    n_mels = len(filterbank)
+    centres, widths = edges[1:-1], edges[2:] - edges[:-2]
+    fig = plt.figure(figsize=(10, 5.6), layout="constrained")
+    grid = fig.add_gridspec(2, 2, height_ratios=(1.25, 1))
+    ax = fig.add_subplot(grid[0, :])
+    colours = plt.cm.viridis(np.linspace(0, 0.9, n_mels))
+    for m in range(n_mels):
+        ax.fill_between(freqs, filterbank[m], color=colours[m], alpha=0.25, lw=0)
+        ax.plot(freqs, filterbank[m], color=colours[m], lw=0.9)
+    ax.set(
+        xlim=(freqs[0], freqs[-1]),
+        ylim=(0, None),
+        xlabel="frequency (Hz)",
+        ylabel="weight",
+        title=f"{n_mels} triangular filters, evenly spaced on the mel scale: "
+        "narrow at low frequencies, wide at high ones",
+    )
+    ax = fig.add_subplot(grid[1, 0])
+    ax.plot(np.arange(n_mels), centres, "o-", ms=3)
+    ax.set(
+        xlabel="filter m",
+        ylabel="centre frequency (Hz)",
+        title="centres: linear below 1 kHz, then exponential",
+    )
+    ax.axhline(1000, color="0.6", lw=0.8, ls=":")
+    ax = fig.add_subplot(grid[1, 1])
+    ax.plot(centres, widths, "o-", ms=3, color="C1")
+    ax.set(
+        xlabel="centre frequency (Hz)",
+        ylabel="width (Hz)",
+        title="width of each triangle (f_{m+2} - f_m)",
+    )
+    ax.set_ylim(0, None)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def confusion_matrix(
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+    title: str = "confusion matrix",
+) -> Path:
+    """Rows: true class, columns: predicted class; each cell the fraction of its row (count
+    written in the cell). A perfect classifier has everything on the diagonal."""
+    k = len(class_names)
+    counts = np.zeros((k, k), dtype=int)
+    np.add.at(counts, (np.asarray(labels), np.asarray(predicted)), 1)
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 0.55 * k + 1.8
+    fig, ax = plt.subplots(figsize=(size + 1, size), layout="constrained")
+    mappable = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                colour = "white" if fractions[i, j] > 0.6 else "black"
+                ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(mappable, ax=ax, label="fraction of the true class", shrink=0.8)
+    return _save(fig, path)

@@ -425,3 +425,16 @@ def test_engine_sums_broadcast_gradients_back_and_rejects_wrong_shapes():
     bad = record("bad", np.ones((3, 2)), (b,), lambda g: (g,))  # returns a (3, 2) gradient
     with pytest.raises(RuntimeError, match=r"\(3, 2\).*\(2, 3\)"):
         bad.sum().backward()
+
+
+def test_an_op_returning_none_for_an_input_does_not_lose_that_inputs_other_gradients():
+    a = tm.tensor([1.0, 2.0], requires_grad=True)
+    b = tm.tensor([1.0, 2.0], requires_grad=True)
+    c = b * 1.0  # c reaches b; the op below gives c no gradient (None)
+    first = record("first", a.data + c.data, (a, c), lambda g: (g, None))
+    (first + b * 3).sum().backward()
+    np.testing.assert_array_equal(a.grad, [1.0, 1.0])
+    np.testing.assert_array_equal(b.grad, [3.0, 3.0])  # the path through b * 3 still counts
+    d = tm.tensor([1.0], requires_grad=True)
+    record("cut", d.data * 2, (d * 1.0,), lambda g: (None,)).sum().backward()
+    assert d.grad is None  # no path carries a gradient: none is stored

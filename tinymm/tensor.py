@@ -262,20 +262,22 @@ class Tensor:
         ready = [self]
         while ready:
             t = ready.pop()
-            g = grads.pop(id(t))
+            g = grads.pop(id(t), None)  # None: every op that used t returned None (no gradient)
             node = t._node
-            if node is None or t._retains_grad:
+            if g is not None and (node is None or t._retains_grad):
                 t.grad = np.array(g, dtype=t.dtype) if t.grad is None else t.grad + g
             if node is None:
                 continue
             node.check_saved()
-            for inp, g_inp in zip(node.inputs, node.backward(g), strict=True):
-                if g_inp is None or not inp.requires_grad:
+            g_inputs = node.backward(g) if g is not None else [None] * len(node.inputs)
+            for inp, g_inp in zip(node.inputs, g_inputs, strict=True):
+                if not inp.requires_grad:
                     continue
-                g_inp = sum_to(g_inp, inp.shape).astype(inp.dtype, copy=False)
                 key = id(inp)
-                grads[key] = g_inp if key not in grads else grads[key] + g_inp
-                pending[key] -= 1
+                if g_inp is not None:
+                    g_inp = sum_to(g_inp, inp.shape).astype(inp.dtype, copy=False)
+                    grads[key] = g_inp if key not in grads else grads[key] + g_inp
+                pending[key] -= 1  # counted even for None, so inp's other uses are not lost
                 if pending[key] == 0:
                     ready.append(inp)
             if not retain_graph:

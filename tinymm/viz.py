@@ -152,20 +152,26 @@ def spectra(
     title: str = "spectra",
     ylabel: str = "magnitude (dB)",
     ylim: tuple[float, float] | None = None,
+    xscale: str = "linear",
+    xlim: tuple[float, float] | None = None,
     ncols: int = 4,
 ) -> Path:
     """Magnitude spectra against frequency in Hz. Each panel holds one or more (curve, label)
-    pairs, curves of the shape of freqs; a panel with several curves gets a legend."""
+    pairs, curves of the shape of freqs; a panel with several curves gets a legend, the later
+    curves drawn thinner on top (identical curves then show as one line with a dark core).
+    xscale="log" spreads the low frequencies out (give xlim a lower limit above 0 Hz)."""
     fig, axes = _panels(len(panels), ncols, (3.2, 1.9))
-    styles = [dict(color="C0", lw=0.5), dict(color="C3", lw=0.8, ls=(0, (2, 2)))]
+    single = dict(color="C0", lw=0.5)
+    overlaid = [dict(color="C0", lw=1.6, alpha=0.45), dict(color="k", lw=0.3)]
     for i, (ax, curves, name) in enumerate(zip(axes, panels, titles, strict=True)):
         for j, (curve, label) in enumerate(curves):
-            ax.plot(freqs, curve, label=label, **styles[j % len(styles)])
-        ax.set(xlim=(freqs[0], freqs[-1]), title=name)
+            style = single if len(curves) == 1 else overlaid[min(j, 1)]
+            ax.plot(freqs, curve, label=label, **style)
+        ax.set(xscale=xscale, xlim=xlim or (freqs[0], freqs[-1]), title=name)
         if ylim is not None:
             ax.set_ylim(*ylim)
         if len(curves) > 1:
-            ax.legend(frameon=False, fontsize=7, loc="upper right")
+            ax.legend(frameon=False, fontsize=7, loc="lower left")
         if i % ncols == 0:
             ax.set_ylabel(ylabel)
         if i >= len(panels) - ncols:

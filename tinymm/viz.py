@@ -109,12 +109,9 @@ def _panels(n: int, ncols: int, size: tuple[float, float]) -> tuple[Any, list[An
     """A figure with n panels in rows of ncols (unused cells hidden), and the n axes."""
     nrows = -(-n // ncols)
     fig, axes = plt.subplots(
-        nrows,
-        ncols,
-        figsize=(size[0] * ncols, size[1] * nrows),
-        squeeze=False,
-        layout="constrained",
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False
     )
+    fig.subplots_adjust(hspace=0.55, wspace=0.28, top=1 - 0.45 / (size[1] * nrows))
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -297,4 +294,114 @@ def confusion_matrix(
     ax.set_yticks(range(k), class_names)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.colorbar(mappable, ax=ax, label="fraction of the true class", shrink=0.8)
+    return _save(fig, path)
+
+
+# --- CLIP (lesson 03) --------------------------------------------------------------------------
+
+
+def similarity_matrix(
+    similarity: np.ndarray,
+    images: np.ndarray,
+    captions: Sequence[str],
+    path: str | Path,
+    title: str = "cosine similarity S_ij = v_i . t_j",
+) -> Path:
+    """The lecture's CLIP picture: images down the side (thumbnails), their captions across the
+    top, each cell the cosine similarity of image i and caption j. Training pulls the diagonal
+    (true pairs, boxed) up and everything else down; a dot marks each row's best caption.
+    similarity (N, N), images (N, H, W, C) in [0, 1], N captions."""
+    s = np.asarray(similarity, dtype=float)
+    n = len(s)
+    fig, ax = plt.subplots(figsize=(0.62 * n + 2.2, 0.62 * n + 2.6))
+    mesh = ax.imshow(s, cmap="RdBu_r", vmin=-1, vmax=1, extent=(-0.5, n - 0.5, n - 0.5, -0.5))
+    for i in range(n):
+        ax.imshow(np.clip(images[i], 0, 1), extent=(-1.55, -0.55, i + 0.5, i - 0.5))
+        for j in range(n):
+            ax.text(
+                j,
+                i,
+                f"{s[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                color="white" if abs(s[i, j]) > 0.55 else "black",
+            )
+        ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, lw=1.6, ec="black"))
+        ax.plot(s[i].argmax() + 0.36, i - 0.36, "o", ms=3.5, color="gold", mec="black", mew=0.5)
+    ax.set_xlim(-1.6, n - 0.5)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.xaxis.tick_top()
+    ax.set_xticks(range(n), captions, rotation=55, ha="left", fontsize=7)
+    ax.set_yticks([])
+    ax.spines[:].set_visible(False)
+    ax.set_ylabel("images (v_i)")
+    ax.set_xlabel("captions (t_j); boxed: true pairs, dot: the row's best caption")
+    fig.colorbar(mesh, ax=ax, shrink=0.6, label="cosine similarity")
+    ax.set_title(title, pad=12)
+    return _save(fig, path)
+
+
+def zero_shot_grid(
+    images: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+    labels: Sequence[int] | None = None,
+    top_k: int = 3,
+    ncols: int = 4,
+    title: str = "zero-shot predictions",
+) -> Path:
+    """Each image next to its top_k classes and their probabilities, softmax(exp(s) v . t_k).
+    The true class (if labels are given) is green when predicted, red bars mean a miss.
+    images (N, H, W, C), probs (N, K) rows summing to 1, K class names."""
+    n = len(images)
+    nrows = -(-n // ncols)
+    fig = plt.figure(figsize=(3.4 * ncols, 1.5 * nrows), layout="constrained")
+    grid = fig.add_gridspec(nrows, 2 * ncols, width_ratios=[1, 1.6] * ncols)
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        ax_img = fig.add_subplot(grid[r, 2 * c])
+        ax_img.imshow(np.clip(images[i], 0, 1))
+        ax_img.set_axis_off()
+        ax = fig.add_subplot(grid[r, 2 * c + 1])
+        top = np.argsort(-probs[i])[:top_k]
+        truth = None if labels is None else int(labels[i])
+        colours = [
+            "0.6" if truth is None else ("C2" if k == truth else "C3" if rank == 0 else "0.7")
+            for rank, k in enumerate(top)
+        ]
+        ax.barh(range(top_k), probs[i, top], color=colours)
+        for rank, k in enumerate(top):
+            ax.text(0.02, rank, f"{class_names[k]}  {probs[i, k]:.2f}", va="center", fontsize=7)
+        ax.set(xlim=(0, 1), ylim=(top_k - 0.5, -0.5), xticks=[], yticks=[])
+        ax.spines[:].set_visible(False)
+        if truth is not None and truth not in top:
+            ax.set_title(f"true: {class_names[truth]}", fontsize=7, color="C3", loc="left")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def temperature_curve(
+    steps: Sequence[int],
+    temperature: Sequence[float],
+    path: str | Path,
+    init: float = 0.07,
+    floor: float = 0.01,
+    title: str = "learned temperature",
+) -> Path:
+    """tau = 1 / exp(logit_scale) against the step, log scale, with its start and its floor
+    (the clamp exp(logit_scale) <= 100). A falling tau sharpens the softmax over the batch."""
+    tau = np.asarray(temperature, dtype=float)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(steps, tau, color="C0", label="tau = 1 / exp(logit_scale)")
+    ax.axhline(init, color="0.5", ls=":", lw=1, label=f"start: tau = {init:g}")
+    ax.axhline(floor, color="C3", ls="--", lw=1, label=f"clamp: tau >= {floor:g}")
+    ticks = [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.2, 0.5, 1.0]
+    ax.set(xlabel="step", ylabel="temperature tau", yscale="log")
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks], minor=False)
+    ax.set_yticks([], minor=True)
+    ax.set_ylim(min(floor, tau.min()) / 1.15, max(init, tau.max()) * 1.15)
+    ax.set_title(f"{title}: tau {tau[0]:.3f} -> {tau[-1]:.4f} (1/tau = {1 / tau[-1]:.0f})")
+    ax.legend(frameon=False, loc="center right")
     return _save(fig, path)

@@ -111,7 +111,9 @@ def _panels(n: int, ncols: int, size: tuple[float, float]) -> tuple[Any, list[An
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False
     )
-    fig.subplots_adjust(hspace=0.55, wspace=0.28, top=1 - 0.45 / (size[1] * nrows))
+    fig.subplots_adjust(hspace=0.6, wspace=0.3, top=1 - 0.7 / (size[1] * nrows))
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])

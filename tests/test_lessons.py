@@ -14,6 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = {  # lesson -> (result keys besides seconds/seed, figures it must save)
     "01_attention": ({"test_accuracy"}, {"loss.png", "attention.png"}),
+    "06_audio": (
+        {"test_accuracy"},
+        {"waveform.png", "spectrum.png", "spectrogram.png", "mel_spectrogram.png",
+         "mel_filterbank.png", "confusion.png", "loss.png"},
+    ),
 }
 
 

@@ -165,7 +165,16 @@ print("held-out accuracy per class:", "  ".join(f"{k} {v:.2f}" for k, v in per_c
 # --- figures: the lecture's pictures for one held-out clip of each class ------------------------
 examples = np.array([np.flatnonzero(test_labels == k)[0] for k in range(len(SOUND_CLASSES))])
 waves = test_waves[examples]  # (8, samples)
-figures = [viz.waveforms(waves, SR, SOUND_CLASSES, args.out / "waveform.png", "1. waveform y[n]")]
+figures = [
+    viz.waveforms(
+        waves,
+        SR,
+        SOUND_CLASSES,
+        args.out / "waveform.png",
+        f"1. waveform y[n], sr = {SR} Hz (orange: 20 ms around each clip's loudest sample)",
+        zoom=0.02,
+    )
+]
 
 # 2. the spectrum of the whole clip, |X[k]| in dB below its peak; and a rising chirp reversed
 clip_freqs = audio.fft_frequencies(sr=SR, n_fft=waves.shape[1])

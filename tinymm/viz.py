@@ -125,20 +125,51 @@ def waveforms(
     titles: Sequence[str],
     path: str | Path,
     title: str = "waveforms",
+    zoom: float | None = None,
     ncols: int = 4,
 ) -> Path:
-    """One waveform y[n] per panel: amplitude against time t = n / sr in seconds. (n, samples)"""
+    """One waveform y[n] per panel: amplitude against time t = n / sr in seconds. (n, samples)
+
+    zoom: also draw, under each clip, `zoom` seconds around its loudest sample (shaded above),
+    where the single oscillations can be seen."""
     waves = np.asarray(waves)
-    fig, axes = _panels(len(waves), ncols, (3.2, 1.9))
+    n = len(waves)
     time = np.arange(waves.shape[1]) / sr
-    for i, (ax, y, name) in enumerate(zip(axes, waves, titles, strict=True)):
+    nrows = -(-n // ncols)
+    rows = 2 * nrows if zoom else nrows
+    heights = [1.0, 0.7] * nrows if zoom else [1.0] * nrows
+    height = 1.6 * sum(heights) + 0.5
+    fig, grid = plt.subplots(
+        rows,
+        ncols,
+        figsize=(3.2 * ncols, height),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    fig.subplots_adjust(hspace=1.0 if zoom else 0.6, wspace=0.3, top=1 - 0.75 / height)
+    for ax in grid.flat:
+        ax.set_visible(False)
+    for i, (y, name) in enumerate(zip(waves, titles, strict=True)):
+        row, col = divmod(i, ncols)
+        ax = grid[2 * row if zoom else row, col]
+        ax.set_visible(True)
         ax.plot(time, y, lw=0.3, color="C0")
         peak = np.abs(y).max() * 1.1 or 1.0
         ax.set(xlim=(0, time[-1]), ylim=(-peak, peak), title=name)
-        if i % ncols == 0:
-            ax.set_ylabel("amplitude")
-        if i >= len(waves) - ncols:
+        ax.set_ylabel("amplitude" if col == 0 else "")
+        if zoom or i >= n - ncols:
             ax.set_xlabel("time (s)")
+        if zoom:
+            centre = time[np.argmax(np.abs(y))]
+            t0 = float(np.clip(centre - zoom / 2, 0, time[-1] - zoom))
+            ax.axvspan(t0, t0 + zoom, color="C1", alpha=0.35, lw=0)
+            inner = grid[2 * row + 1, col]
+            inner.set_visible(True)
+            shown = (time >= t0) & (time <= t0 + zoom)
+            inner.plot(1000 * (time[shown] - t0), y[shown], lw=0.7, color="C1")
+            inner.set(xlim=(0, 1000 * zoom), ylim=(-peak, peak))
+            inner.set_xlabel(f"ms after {t0:.3f} s", fontsize=7)
+            inner.tick_params(labelsize=7)
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -438,3 +438,20 @@ def test_an_op_returning_none_for_an_input_does_not_lose_that_inputs_other_gradi
     d = tm.tensor([1.0], requires_grad=True)
     record("cut", d.data * 2, (d * 1.0,), lambda g: (None,)).sum().backward()
     assert d.grad is None  # no path carries a gradient: none is stored
+
+
+@pytest.mark.parametrize("make", [lambda x: x.exp(), lambda x: x * 2.0, lambda x: x.reshape(2)])
+def test_in_place_change_of_an_op_result_whose_graph_is_alive_is_refused(make):
+    """exp's backward reuses its output: a silent change to it would give a wrong gradient."""
+    x = tm.tensor([0.5, 1.0], requires_grad=True)
+    y = make(x)
+    before = y.data.copy()
+    with pytest.raises(RuntimeError, match=r"'mul_' on a tensor made by '\w+'.*graph"):
+        y.mul_(2.0)
+    np.testing.assert_array_equal(y.data, before)  # refused before anything changed
+    y.sum().backward()
+    y.mul_(2.0)  # after backward the graph is released: fine
+    with tm.no_grad():
+        z = x.exp()
+    z.mul_(2.0)  # no graph recorded: fine
+    np.testing.assert_allclose(z.data, 2 * np.exp(x.data))

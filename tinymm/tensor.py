@@ -284,34 +284,46 @@ class Tensor:
                 node.release()
 
     # --- in-place updates (for optimizers; not differentiable, they bump the version) ----------
-    def _bump(self, op: str) -> Tensor:
+    def _bump(self, op: str) -> None:
+        """Count an in-place change. Refused on a tensor an op made while its graph is alive:
+        the change would not be in the graph, so gradients through it would be silently wrong."""
+        if self._node is not None and self._node.backward is not None:
+            raise RuntimeError(
+                f"'{op}' on a tensor made by '{self._node.op}' that is still part of a graph: "
+                "in-place updates are not recorded, so its gradient would be wrong; use an "
+                "out-of-place op (x = x * 2), or update it after backward"
+            )
         self._version += 1
         self._inplace_op = op
-        return self
 
     def add_(self, other: Any, alpha: float = 1.0) -> Tensor:
+        self._bump("add_")
         other = other.data if isinstance(other, Tensor) else other
         if alpha == 1.0:
             self.data += other
         else:
             self.data += alpha * other
-        return self._bump("add_")
+        return self
 
     def sub_(self, other: Any) -> Tensor:
+        self._bump("sub_")
         self.data -= other.data if isinstance(other, Tensor) else other
-        return self._bump("sub_")
+        return self
 
     def mul_(self, other: Any) -> Tensor:
+        self._bump("mul_")
         self.data *= other.data if isinstance(other, Tensor) else other
-        return self._bump("mul_")
+        return self
 
     def zero_(self) -> Tensor:
+        self._bump("zero_")
         self.data[...] = 0
-        return self._bump("zero_")
+        return self
 
     def copy_(self, other: Any) -> Tensor:
+        self._bump("copy_")
         self.data[...] = other.data if isinstance(other, Tensor) else other
-        return self._bump("copy_")
+        return self
 
     # --- arithmetic ----------------------------------------------------------------------------
     def _wrap(self, other: Any) -> Tensor:

@@ -59,41 +59,8 @@ import numpy as np
 
 from . import functional as F
 from . import nn, optim
-from .tensor import Tensor, concatenate, manual_seed
-
-
-class _FallbackViT(nn.Module):
-    """Stand-in for tinymm.models.ViT (same architecture) while that file is being written."""
-
-    def __init__(self, image_size, patch_size, channels, dim, depth, heads, mlp_ratio, num_classes):
-        super().__init__()
-        self.patch_size, self.dim = patch_size, dim
-        patches = (image_size // patch_size) ** 2
-        rng = np.random.default_rng(0)
-        self.patch_embedding = nn.Linear(patch_size * patch_size * channels, dim)
-        self.cls_token = nn.Parameter((0.02 * rng.standard_normal((1, 1, dim))).astype(np.float32))
-        self.pos_embedding = nn.Parameter(
-            (0.02 * rng.standard_normal((patches + 1, dim))).astype(np.float32)
-        )
-        self.blocks = nn.ModuleList(
-            nn.TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)
-        )
-        self.ln_final = nn.LayerNorm(dim)
-        self.head = nn.MLP(dim, dim, num_classes)
-
-    def forward(self, images: Any) -> Tensor:
-        z = self.patch_embedding(F.patchify(Tensor(images), self.patch_size))
-        cls = self.cls_token.broadcast_to((z.shape[0], 1, self.dim))
-        z = concatenate([cls, z], axis=1) + self.pos_embedding
-        for block in self.blocks:
-            z = block(z)
-        return self.head(self.ln_final(z)[:, 0])
-
-
-try:
-    from .models import ViT
-except ImportError:  # tinymm.models.ViT is being written; until then the same model, above
-    ViT = _FallbackViT
+from .models import ViT
+from .tensor import Tensor, manual_seed
 
 # (image_size, patch_size, channels, dim, depth, heads, mlp_ratio, num_classes), batch
 REFERENCE_VIT = dict(

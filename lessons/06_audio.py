@@ -70,7 +70,8 @@ from tinymm.train import fit, lesson_args, result_line
 args = lesson_args("06_audio", __doc__)
 SR, DURATION = 16_000, 1.0  # samples per second, seconds per clip
 N_FFT, HOP, N_MELS = 512, 256, 32  # 32 ms frames every 16 ms, 32 mel bands
-FRAMES, PATCH = 64, 8  # 63 STFT frames padded to 64; 8 x 8 patches -> 4 x 8 = 32 tokens
+STFT_FRAMES = 1 + round(SR * DURATION) // HOP  # 63 centred frames
+FRAMES, PATCH = 64, 8  # padded to 64 frames; 8 x 8 patches -> 4 x 8 = 32 tokens
 DIM, DEPTH, HEADS, MLP_RATIO = 64, 2, 4, 2
 N_TRAIN, N_TEST = (400, 200) if args.quick else (3200, 800)
 STEPS = args.steps or (30 if args.quick else 800)
@@ -86,12 +87,13 @@ test_waves, test_labels = make_sounds(N_TEST, seed=2 * args.seed + 1, sr=SR, dur
 def log_mel(waves: np.ndarray) -> np.ndarray:
     """(n, samples) waveforms -> (n, N_MELS, FRAMES) mel spectrograms in dB below each clip's peak.
 
-    The 63 frames are padded to FRAMES with the clip's floor (-80 dB): silence after the clip.
+    The STFT_FRAMES frames are padded to FRAMES with the clip's quietest value (at most 80 dB
+    below its peak): a little silence after the clip.
     """
     out = np.empty((len(waves), N_MELS, FRAMES), dtype=np.float32)
     for i, y in enumerate(waves):
         mel = audio.melspectrogram(y=y, sr=SR, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS)
-        db = audio.power_to_db(mel, ref=np.max, top_db=80.0)  # (N_MELS, 63), max 0 dB
+        db = audio.power_to_db(mel, ref=np.max, top_db=80.0)  # (N_MELS, STFT_FRAMES), max 0 dB
         out[i] = np.pad(db, ((0, 0), (0, FRAMES - db.shape[1])), constant_values=db.min())
     return out
 
@@ -132,7 +134,7 @@ def held_out_accuracy() -> dict[str, float]:
 
 decay, no_decay = [], []
 for name, p in model.named_parameters():
-    (decay if p.ndim == 2 and "embedding" not in name else no_decay).append(p)
+    (decay if p.ndim == 2 and name != "pos_embedding" else no_decay).append(p)  # matrices only
 optimizer = optim.AdamW(
     [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=LR
 )
@@ -226,10 +228,10 @@ edges = audio.mel_frequencies(N_MELS + 2, fmin=0.0, fmax=SR / 2)  # band edges, 
 ticks = [0, 8, 16, 24, N_MELS - 1]
 figures.append(
     viz.spectrograms(
-        test_db[examples, :, :63],
+        test_db[examples, :, :STFT_FRAMES],
         SOUND_CLASSES,
         args.out / "mel_spectrogram.png",
-        extent=(0, 63 * HOP / SR, 0, N_MELS),
+        extent=(0, STFT_FRAMES * HOP / SR, 0, N_MELS),
         ylabel="mel band (centre Hz)",
         yticks=([m + 0.5 for m in ticks], [f"{edges[m + 1]:.0f}" for m in ticks]),
         title=f"4. mel spectrogram, {N_MELS} mel bands: 10 log10(F |S|^2 / max)",

@@ -131,9 +131,11 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     )
 
 
-def logsumexp(x: Tensor, axis: int = -1, keepdims: bool = False) -> Tensor:
-    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m};  dx = g * softmax(x)."""
+def logsumexp(x: Tensor, axis: int | None = -1, keepdims: bool = False) -> Tensor:
+    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m};  dx = g * softmax(x). axis=None: all."""
     x = _t(x)
+    if axis is None:
+        return logsumexp(x.reshape(-1), 0).reshape((1,) * x.ndim if keepdims else ())
     lse = _logsumexp(x.data, axis)
     out = lse if keepdims else np.squeeze(lse, axis=axis)
 
@@ -494,7 +496,9 @@ def scaled_dot_product_attention(
     """attn(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, one fused node.
 
     q (..., L_q, d), k (..., L_k, d), v (..., L_k, d_v) -> (..., L_q, d_v). `mask` is boolean,
-    broadcastable to (..., L_q, L_k), True = may attend; `causal` lets query i see keys <= i.
+    broadcastable to (..., L_q, L_k), True = may attend; `causal` lets query i see keys <= i
+    when L_q = L_k. When L_q < L_k the queries are the *last* L_q positions (as when decoding
+    after a prompt), so query i sees keys <= i + L_k - L_q.
     A query that may attend to nothing gets uniform weights rather than NaN.
     With P = softmax(S), S = Q K^T / sqrt(d):
         dV = P^T g,  dP = g V^T,  dS = P * (dP - sum_k(dP * P)),  dQ = dS K / sqrt(d),

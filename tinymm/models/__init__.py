@@ -1,6 +1,7 @@
 """Models of the lessons, built from tinymm.nn."""
 
+from .clip import CLIP, zero_shot_classifier
 from .text import TextTransformer
 from .vit import ViT
 
-__all__ = ["TextTransformer", "ViT"]
+__all__ = ["CLIP", "TextTransformer", "ViT", "zero_shot_classifier"]

@@ -89,25 +89,25 @@ def time_blocks(
 ) -> dict[str, list[float]]:
     """Seconds per call of each fn, one value per block of calls.
 
-    Each fn is called `warmup` times first; the last warm-up call sets how many calls fill a
-    block of about `block_seconds`. Then the fns take turns block by block (a, b, a, b, ...), so
-    that all of them see the same machine load.
+    Each fn is called `warmup` times first. Then the fns take turns block by block (a, b, a, b,
+    ...), so that all of them see the same machine load; a block calls its fn again and again
+    until `block_seconds` have passed (at least once), and yields elapsed / calls.
     """
-    number = {}
-    for name, fn in fns.items():
-        for _ in range(warmup - 1):
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-        start = time.perf_counter()
-        fn()
-        number[name] = max(1, min(1000, round(block_seconds / (time.perf_counter() - start))))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(blocks):
         for name, fn in fns.items():
             gc.collect()
-            start = time.perf_counter()
-            for _ in range(number[name]):
+            calls, start = 0, time.perf_counter()
+            while True:
                 fn()
-            times[name].append((time.perf_counter() - start) / number[name])
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= block_seconds:
+                    break
+            times[name].append(elapsed / calls)
     return times
 
 

@@ -38,6 +38,42 @@ def apply() -> dict[str, bool]:
     return applied
 
 
+_PREFIXES = ("openblas_", "scipy_openblas_", "openblas64_")  # NumPy wheels rename the symbols
+_SUFFIXES = ("", "64_")
+
+
+def _openblas_call(name: str, *args: int) -> int | None:
+    """Call OpenBLAS's `name` (e.g. "set_num_threads") in the library NumPy loaded, if any."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in _PREFIXES:
+            for suffix in _SUFFIXES:
+                fn = getattr(lib, f"{prefix}{name}{suffix}", None)
+                if fn is not None:
+                    return fn(*args)
+    return None
+
+
+def blas_threads(n: int | None = None) -> int | None:
+    """The number of threads OpenBLAS uses for NumPy's matmuls; with `n`, set it first.
+
+    None when NumPy does not use OpenBLAS (then the setting is left to that library).
+    """
+    import numpy  # noqa: F401  (loads OpenBLAS)
+
+    if n is not None:
+        _openblas_call("set_num_threads", int(n))
+    return _openblas_call("get_num_threads")
+
+
 def _mallopt() -> bool:
     if not sys.platform.startswith("linux"):
         return False

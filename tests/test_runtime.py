@@ -1,0 +1,58 @@
+"""Process settings: they take effect where the platform allows, and change no result."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinymm as tm
+from tinymm import runtime
+
+
+def test_blas_threads_can_be_read_and_set():
+    before = runtime.blas_threads()
+    if before is None:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    try:
+        assert runtime.blas_threads(1) == 1
+        a = np.random.default_rng(0).standard_normal((300, 300)).astype(np.float32)
+        single = a @ a
+        runtime.blas_threads(before)
+        assert runtime.blas_threads() == before
+        np.testing.assert_allclose(a @ a, single, rtol=1e-5, atol=1e-4)
+    finally:
+        runtime.blas_threads(before)
+
+
+def _child(code: str, **env: str) -> str:
+    unset = (runtime.OPT_OUT, "OPENBLAS_THREAD_TIMEOUT")
+    environment = {k: v for k, v in os.environ.items() if k not in unset}
+    environment.update(env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True
+    )
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
+def test_import_applies_settings_unless_opted_out():
+    code = (
+        "import tinymm, os\n"
+        "print(tinymm.runtime.applied, os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    )
+    applied = _child(code)
+    assert "'malloc_thresholds': True" in applied and applied.endswith(" 1")
+    assert _child(code, **{runtime.OPT_OUT: "1"}) == "{} None"
+
+
+def test_a_training_step_gives_the_same_numbers_with_and_without_the_settings():
+    code = (
+        "import numpy as np, tinymm as tm, tinymm.functional as F\n"
+        "tm.manual_seed(0); m = tm.nn.TransformerBlock(16, 2)\n"
+        "x = tm.randn(4, 5, 16); loss = (m(x) ** 2).mean(); loss.backward()\n"
+        "print(repr(float(loss.item())), repr(float(m.attn.q_proj.weight.grad.sum())))"
+    )
+    assert _child(code) == _child(code, **{runtime.OPT_OUT: "1"})
+    assert tm.runtime is runtime

@@ -14,6 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = {  # lesson -> (result keys besides seconds/seed, figures it must save)
     "01_attention": ({"test_accuracy"}, {"loss.png", "attention.png"}),
+    "02_vit": (
+        {"test_accuracy", "mlp_test_accuracy", "mlp_shifted_accuracy", "vit_shifted_accuracy"},
+        {"patches.png", "pos_embedding.png", "cls_attention.png", "confusion.png", "loss.png"},
+    ),
+    "03_clip": (
+        {"zero_shot_shape", "zero_shot_colour", "zero_shot_heldout_pairs"}
+        | {"recall_i2t", "recall_t2i"},
+        {"similarity.png", "zero_shot.png", "temperature.png", "loss.png"},
+    ),
     "06_audio": (
         {"test_accuracy"},
         {"waveform.png", "spectrum.png", "spectrogram.png", "mel_spectrogram.png",

@@ -6,6 +6,7 @@ import pytest
 import tinymm as tm
 from tinymm import functional as F
 from tinymm.models import ViT
+from tinymm.models.vit import attention_rollout
 
 
 def images(n: int, h: int, w: int, c: int, seed: int = 0) -> np.ndarray:
@@ -145,3 +146,17 @@ def test_forward_without_a_head_is_an_error():
     assert model.encode(images(1, 8, 12, 3)).shape == (1, 7, 16)
     with pytest.raises(RuntimeError, match="num_classes"):
         model(images(1, 8, 12, 3))
+
+
+def test_attention_rollout_multiplies_layers_and_keeps_rows_stochastic():
+    rng = np.random.default_rng(0)
+    w = rng.random((3, 2, 4, 5, 5))
+    w /= w.sum(-1, keepdims=True)
+    r = attention_rollout(w, residual=0.5)
+    assert r.shape == (2, 5, 5)
+    np.testing.assert_allclose(r.sum(-1), 1)
+    a = [0.5 * np.eye(5) + 0.5 * w[layer, 1].mean(0) for layer in range(3)]
+    np.testing.assert_allclose(r[1], a[2] @ a[1] @ a[0])
+    # uniform attention in every layer with no residual spreads every token evenly
+    flat = np.full((2, 1, 1, 5, 5), 0.2)
+    np.testing.assert_allclose(attention_rollout(flat, residual=0.0), 0.2)

@@ -438,3 +438,175 @@ def temperature_curve(
     ax.set_title(f"{title}: tau {tau[0]:.3f} -> {tau[-1]:.4f} (1/tau = {1 / tau[-1]:.0f})")
     ax.legend(frameon=False, loc="center right")
     return _save(fig, path)
+
+
+# --- ViT (lesson 02) ---------------------------------------------------------------------------
+
+
+def patch_tokens(
+    images: np.ndarray,
+    names: Sequence[str],
+    patch_size: int,
+    path: str | Path,
+    index: int = 0,
+    per_line: int = 13,
+    title: str = "an image becomes a sequence of patch tokens",
+) -> Path:
+    """Top: sample images with their class names. Bottom left: images[index] with its P x P patch
+    grid and each patch's number. Bottom right: the token sequence the transformer reads,
+    [CLS] first, then the patches row by row (each patch later flattened to P^2 C values).
+    images (N, H, W, C) in [0, 1]; names: one label per image."""
+    img = np.clip(np.asarray(images, dtype=float), 0, 1)
+    n, h, w, c = img.shape
+    p = patch_size
+    gh, gw = h // p, w // p
+    fig = plt.figure(figsize=(11, 6.2), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 2.6])
+    samples = top.subplots(1, n)
+    for i, ax in enumerate(np.atleast_1d(samples)):
+        ax.imshow(img[i], interpolation="nearest")
+        label = f"{names[i]} (split below)" if i == index else names[i]
+        ax.set_title(label, fontsize=8, color="C3" if i == index else "black")
+        ax.set_axis_off()
+    top.suptitle("samples (the classifier's target: the shape)", fontsize=9)
+
+    left, right = bottom.subplots(1, 2, width_ratios=[1, 1.6])
+    left.imshow(img[index], interpolation="nearest")
+    for k in range(1, gh):
+        left.axhline(k * p - 0.5, color="white", lw=0.8)
+    for k in range(1, gw):
+        left.axvline(k * p - 0.5, color="white", lw=0.8)
+    for r in range(gh):
+        for col in range(gw):
+            left.text(
+                col * p,
+                r * p,
+                str(r * gw + col),
+                color="yellow",
+                fontsize=5,
+                va="top",
+                ha="left",
+                alpha=0.9,
+            )
+    left.set_title(f"1. split {h}x{w}x{c} into {gh}x{gw} = {gh * gw} patches of {p}x{p}")
+    left.set_xticks([])
+    left.set_yticks([])
+
+    tokens = gh * gw + 1
+    lines = -(-tokens // per_line)
+    gap = max(1, p // 2)
+    cell = p + gap
+    mosaic = np.ones((lines * cell + gap, per_line * cell + gap, 3))
+    for t in range(tokens):
+        line, slot = divmod(t, per_line)
+        y0, x0 = gap + line * cell, gap + slot * cell
+        if t == 0:
+            mosaic[y0 : y0 + p, x0 : x0 + p] = (0.55, 0.75, 0.95)
+        else:
+            r, col = divmod(t - 1, gw)
+            mosaic[y0 : y0 + p, x0 : x0 + p] = img[
+                index, r * p : (r + 1) * p, col * p : (col + 1) * p
+            ]
+    right.imshow(mosaic, interpolation="nearest")
+    for t in range(tokens):
+        line, slot = divmod(t, per_line)
+        y0, x0 = gap + line * cell, gap + slot * cell
+        label = "CLS" if t == 0 else str(t - 1)
+        right.text(
+            x0 + p / 2 - 0.5,
+            y0 + p + gap / 2 - 0.5,
+            label,
+            ha="center",
+            va="center",
+            fontsize=5.5,
+            color="C0" if t == 0 else "0.3",
+        )
+    right.set_title(
+        f"2-4. the token sequence: [CLS], then patch 0 ... {gh * gw - 1} row by row\n"
+        f"(each patch: {p}x{p}x{c} = {p * p * c} values, z_p = x_p E)"
+    )
+    right.set_axis_off()
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def position_similarity(
+    pos_embedding: np.ndarray,
+    grid: tuple[int, int],
+    path: str | Path,
+    title: str = "cosine similarity of learned position embeddings",
+) -> Path:
+    """As the ViT paper's figure 7: for each patch position (r, c), a small map of the cosine
+    similarity between its embedding E_pos[r, c] and every other position's. Nearby positions
+    with similar embeddings mean the model learned the 2-D layout from 1-D indices.
+    pos_embedding (gh * gw, D), patch positions only (no [CLS]); grid (gh, gw)."""
+    e = np.asarray(pos_embedding, dtype=float)
+    gh, gw = grid
+    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    sim = unit @ unit.T  # (gh gw, gh gw)
+    fig, axes = plt.subplots(gh, gw, figsize=(0.85 * gw + 1.2, 0.85 * gh + 0.6), squeeze=False)
+    fig.subplots_adjust(wspace=0.08, hspace=0.08, left=0.08, right=0.86, bottom=0.06, top=0.9)
+    for r in range(gh):
+        for c in range(gw):
+            ax = axes[r, c]
+            mappable = ax.imshow(sim[r * gw + c].reshape(gh, gw), cmap="viridis", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(str(r + 1), rotation=0, ha="right", va="center")
+            if r == gh - 1:
+                ax.set_xlabel(str(c + 1))
+    fig.supylabel("input patch row", x=0.01)
+    fig.supxlabel("input patch column", y=0.0)
+    cax = fig.add_axes((0.89, 0.2, 0.02, 0.6))
+    fig.colorbar(mappable, cax=cax, label="cosine similarity")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def cls_attention(
+    images: np.ndarray,
+    maps: Sequence[np.ndarray],
+    map_names: Sequence[str],
+    grid: tuple[int, int],
+    path: str | Path,
+    titles: Sequence[str] | None = None,
+    title: str = "where the [CLS] token looks",
+) -> Path:
+    """Each image (top row), then one row per attention map, drawn over the image: how much the
+    [CLS] token takes from each patch. images (N, H, W, C); maps: arrays (N, gh * gw), one
+    per row, e.g. the last layer's [CLS] row and the attention rollout."""
+    img = np.clip(np.asarray(images, dtype=float), 0, 1)
+    n, h, w, _ = img.shape
+    gh, gw = grid
+    rows = 1 + len(maps)
+    fig, axes = plt.subplots(
+        rows, n, figsize=(1.35 * n + 0.8, 1.45 * rows), squeeze=False, layout="constrained"
+    )
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    for i in range(n):
+        axes[0, i].imshow(img[i], interpolation="nearest")
+        if titles is not None:
+            axes[0, i].set_title(titles[i], fontsize=7)
+        for k, m in enumerate(maps):
+            ax = axes[k + 1, i]
+            a = np.asarray(m[i], dtype=float).reshape(gh, gw)
+            ax.imshow(img[i], interpolation="nearest")
+            ax.imshow(
+                a / max(a.max(), 1e-12),
+                cmap="magma",
+                alpha=0.7,
+                vmin=0,
+                vmax=1,
+                extent=extent,
+                interpolation="nearest",
+            )
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(False)
+    axes[0, 0].set_ylabel("image", fontsize=8)
+    for k, name in enumerate(map_names):
+        axes[k + 1, 0].set_ylabel(name, fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -116,3 +116,23 @@ class ViT(nn.Module):
 def _normal(shape: tuple[int, ...], std: float = 0.02) -> np.ndarray:
     """N(0, std^2) initial values, as the ViT paper's [CLS] token and position embeddings."""
     return (std * default_rng().standard_normal(shape)).astype(DEFAULT_DTYPE)
+
+
+def attention_rollout(weights: np.ndarray, residual: float = 0.5) -> np.ndarray:
+    """How much each input token flows into each output token through all layers
+    (Abnar & Zuidema, 2020): average the heads, add the residual path, multiply the layers.
+
+        A_l = residual * I + (1 - residual) * mean_heads(W_l),  rows renormalised to sum to 1
+        R = A_L ... A_2 A_1
+
+    weights (depth, N, heads, L, L) as `ViT.encode(..., return_weights=True)` gives ->
+    R (N, L, L), rows summing to 1; R[:, 0, 1:] is the [CLS] token's view of the patches.
+    """
+    w = np.asarray(weights, dtype=np.float64).mean(axis=2)  # (depth, N, L, L)
+    eye = np.eye(w.shape[-1])
+    rollout = np.broadcast_to(eye, w.shape[1:]).copy()
+    for layer in w:
+        a = residual * eye + (1 - residual) * layer
+        a /= a.sum(axis=-1, keepdims=True)
+        rollout = a @ rollout
+    return rollout

@@ -77,7 +77,7 @@ class Node:
         self.op = op
         self.inputs = inputs
         self.backward = backward
-        self.saved = tuple((t, t._version) for t in saved)  # (tensor, version when saved)
+        self.saved = [(t, t._version) for t in saved]  # (tensor, version when saved)
 
     def check_saved(self) -> None:
         for t, version in self.saved:
@@ -118,11 +118,22 @@ def record(
 
     `backward(g)` returns one gradient (or None) per input, in the result's (broadcast) shape.
     """
-    out = Tensor(data)
-    if _grad_enabled and any(t.requires_grad for t in inputs):
-        out.requires_grad = True
-        out._node = Node(op, tuple(inputs), backward, tuple(saved))
+    out = _new(data if type(data) is np.ndarray else np.asarray(data))
+    if _grad_enabled:
+        for t in inputs:
+            if t.requires_grad:
+                out.requires_grad = True
+                out._node = Node(op, tuple(inputs), backward, saved)
+                break
     return out
+
+
+def _new(data: np.ndarray) -> Tensor:
+    """A tensor around an ndarray, without Tensor()'s conversions: the fast path for op results."""
+    t = object.__new__(Tensor)
+    t.data, t.grad, t.requires_grad, t._node = data, None, False, None
+    t._version, t._inplace_op, t._retains_grad = 0, "", False
+    return t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,10 +263,12 @@ class Tensor:
                 )
             for t in node.inputs:
                 if t.requires_grad:
-                    if id(t) not in pending:
-                        pending[id(t)] = 0
+                    key = id(t)
+                    count = pending.get(key)
+                    if count is None:
                         stack.append(t)
-                    pending[id(t)] += 1
+                        count = 0
+                    pending[key] = count + 1
 
         # 2. sweep: pass each tensor's finished gradient back through the op that made it
         grads = {id(self): grad}
@@ -265,18 +278,24 @@ class Tensor:
             g = grads.pop(id(t), None)  # None: every op that used t returned None (no gradient)
             node = t._node
             if g is not None and (node is None or t._retains_grad):
-                t.grad = np.array(g, dtype=t.dtype) if t.grad is None else t.grad + g
+                t.grad = np.array(g, dtype=t.data.dtype) if t.grad is None else t.grad + g
             if node is None:
                 continue
-            node.check_saved()
+            if node.saved:
+                node.check_saved()
             g_inputs = node.backward(g) if g is not None else [None] * len(node.inputs)
             for inp, g_inp in zip(node.inputs, g_inputs, strict=True):
                 if not inp.requires_grad:
                     continue
                 key = id(inp)
                 if g_inp is not None:
-                    g_inp = sum_to(g_inp, inp.shape).astype(inp.dtype, copy=False)
-                    grads[key] = g_inp if key not in grads else grads[key] + g_inp
+                    data = inp.data
+                    if g_inp.shape != data.shape:
+                        g_inp = sum_to(g_inp, data.shape)
+                    if g_inp.dtype != data.dtype:
+                        g_inp = g_inp.astype(data.dtype)
+                    previous = grads.get(key)
+                    grads[key] = g_inp if previous is None else previous + g_inp
                 pending[key] -= 1  # counted even for None, so inp's other uses are not lost
                 if pending[key] == 0:
                     ready.append(inp)
@@ -330,9 +349,8 @@ class Tensor:
         """A Python number takes this tensor's dtype (no float32 -> float64 up-cast)."""
         if isinstance(other, Tensor):
             return other
-        number = int | float | bool | np.integer | np.bool_
-        if isinstance(other, number) and np.issubdtype(self.dtype, np.floating):
-            return Tensor(np.asarray(other, dtype=self.dtype))
+        if isinstance(other, _NUMBER) and self.data.dtype.kind == "f":
+            return _new(np.asarray(other, dtype=self.data.dtype))
         return Tensor(other)
 
     def __add__(self, other: Any) -> Tensor:
@@ -557,8 +575,11 @@ def _data(x: Any) -> Any:
     return x.data if isinstance(x, Tensor) else x
 
 
+_NUMBER = int | float | bool | np.integer | np.bool_
+
+
 def _check_broadcast(op: str, a: Tensor, b: Tensor) -> None:
-    if a.shape != b.shape:
+    if a.data.shape != b.data.shape and a.data.ndim and b.data.ndim:
         try:
             np.broadcast_shapes(a.shape, b.shape)
         except ValueError:

@@ -27,7 +27,12 @@ def test_blas_threads_can_be_read_and_set():
 
 
 def _child(code: str, **env: str) -> str:
-    unset = (runtime.OPT_OUT, "OPENBLAS_THREAD_TIMEOUT")
+    unset = (
+        runtime.OPT_OUT,
+        "OPENBLAS_THREAD_TIMEOUT",
+        "OPENBLAS_NUM_THREADS",
+        "TINYMM_BLAS_THREADS",
+    )
     environment = {k: v for k, v in os.environ.items() if k not in unset}
     environment.update(env)
     out = subprocess.run(
@@ -45,6 +50,15 @@ def test_import_applies_settings_unless_opted_out():
     applied = _child(code)
     assert "'malloc_thresholds': True" in applied and applied.endswith(" 1")
     assert _child(code, **{runtime.OPT_OUT: "1"}) == "{} None"
+
+
+def test_one_blas_thread_by_default_unless_chosen():
+    if runtime.blas_threads() is None:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    code = "import tinymm; print(tinymm.runtime.blas_threads())"
+    assert _child(code) == "1"
+    assert _child(code, TINYMM_BLAS_THREADS="2") == "2"
+    assert _child(code, OPENBLAS_NUM_THREADS="2") == "2"  # the user's own setting stands
 
 
 def test_a_training_step_gives_the_same_numbers_with_and_without_the_settings():

@@ -10,7 +10,12 @@ section and `python -m tinymm.bench`):
    the next step: every training step then page-faults through all its activations again.
    Raising the mmap and trim thresholds (mallopt) keeps that memory in the process.
 
-Set TINYMM_NO_TUNING=1 to leave both alone. Neither changes any result, only the time.
+3. On a 2-core machine the matmuls of these small models gain little from a second OpenBLAS
+   thread, and lose 4-17x as soon as anything else wants a core (measured with
+   `python -m tinymm.bench` while other jobs ran). tinymm asks OpenBLAS for one thread
+   unless OPENBLAS_NUM_THREADS is set; TINYMM_BLAS_THREADS=n (or `blas_threads(n)`) chooses.
+
+Set TINYMM_NO_TUNING=1 to leave all of this alone. None of it changes a result, only the time.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ def apply() -> dict[str, bool]:
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
     applied["openblas_thread_timeout"] = "OPENBLAS_THREAD_TIMEOUT" in os.environ
     applied["malloc_thresholds"] = _mallopt()
+    threads = os.environ.get("TINYMM_BLAS_THREADS")
+    if threads or "OPENBLAS_NUM_THREADS" not in os.environ:
+        applied["blas_threads"] = blas_threads(int(threads or 1)) == int(threads or 1)
     return applied
 
 

@@ -367,16 +367,23 @@ class Tensor:
         other = self._wrap(other)
         _check_broadcast("*", self, other)
         a, b = self.data, other.data
-        return record("mul", a * b, (self, other), lambda g: (g * b, g * a), saved=(self, other))
+
+        def backward(g):  # d(ab)/da = b, d(ab)/db = a; only what is needed (x * 2: no db)
+            return (g * b if self.requires_grad else None), (g * a if other.requires_grad else None)
+
+        return record("mul", a * b, (self, other), backward, saved=(self, other))
 
     def __truediv__(self, other: Any) -> Tensor:
         other = self._wrap(other)
         _check_broadcast("/", self, other)
         a, b = self.data, other.data
         out = a / b
-        return record(
-            "div", out, (self, other), lambda g: (g / b, -g * out / b), saved=(self, other)
-        )
+
+        def backward(g):  # d(a/b)/da = 1/b, d(a/b)/db = -a/b^2 = -out/b
+            g_a = g / b if self.requires_grad else None
+            return g_a, (-g * out / b if other.requires_grad else None)
+
+        return record("div", out, (self, other), backward, saved=(self, other))
 
     def __pow__(self, exponent: Any) -> Tensor:
         other = self._wrap(exponent)
@@ -385,7 +392,7 @@ class Tensor:
         out = a**p
 
         def backward(g):
-            g_a = g * p * a ** (p - 1)
+            g_a = g * p * a ** (p - 1) if self.requires_grad else None
             g_p = g * out * np.log(np.where(a > 0, a, 1)) if other.requires_grad else None
             return g_a, g_p
 

@@ -103,12 +103,7 @@ def sequence_accuracy(seq: np.ndarray) -> float:
     return float(np.all(predicted == seq[:, N_DIGITS + 1 :], axis=1).mean())
 
 
-decay, no_decay = [], []
-for name, p in model.named_parameters():
-    (decay if p.ndim == 2 and "embedding" not in name else no_decay).append(p)
-optimizer = optim.AdamW(
-    [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3
-)
+optimizer = optim.AdamW(optim.weight_decay_groups(model, 0.01), lr=3e-3)
 history = fit(
     model,
     optimizer,

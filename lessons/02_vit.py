@@ -138,11 +138,7 @@ def accuracy(model, images: np.ndarray, labels: np.ndarray) -> float:
 
 def adamw(model, lr: float) -> optim.AdamW:
     """AdamW with weight decay on the weight matrices only (not norms, biases, E_pos, [CLS])."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim == 2 and "embedding" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
-    return optim.AdamW(groups, lr=lr)
+    return optim.AdamW(optim.weight_decay_groups(model, 0.05), lr=lr)
 
 
 def schedule(base_lr: float):

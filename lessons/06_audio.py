@@ -132,12 +132,7 @@ def held_out_accuracy() -> dict[str, float]:
     return {"test_acc": float((predict(test_x) == test_labels).mean())}
 
 
-decay, no_decay = [], []
-for name, p in model.named_parameters():
-    (decay if p.ndim == 2 and name != "pos_embedding" else no_decay).append(p)  # matrices only
-optimizer = optim.AdamW(
-    [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=LR
-)
+optimizer = optim.AdamW(optim.weight_decay_groups(model, 0.05), lr=LR)  # matrices only
 history = fit(
     model,
     optimizer,

@@ -401,3 +401,18 @@ def test_matches_torch(name, kwargs, dtype):
         torch_opt.step()
     for p, q in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(p.data, q.detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_weight_decay_groups_decay_layer_weights_only():
+    from tinymm.models import ViT
+
+    model = ViT(8, 4, channels=3, dim=8, depth=1, heads=2, mlp_ratio=2, num_classes=3)
+    decay, rest = tm.optim.weight_decay_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    assert all(n.endswith(".weight") and "ln" not in n for n in decayed)
+    assert "patch_embedding.weight" in decayed and "blocks.0.attn.q_proj.weight" in decayed
+    kept = {names[id(p)] for p in rest["params"]}
+    assert {"cls_token", "pos_embedding", "blocks.0.ln1.weight", "patch_embedding.bias"} <= kept
+    assert len(decay["params"]) + len(rest["params"]) == len(model.parameters())

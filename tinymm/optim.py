@@ -14,7 +14,7 @@ moment estimates) in `optimizer.state`.
         opt.step()
 
 Parameter groups give different parameters different hyper-parameters, e.g. no weight decay for
-biases, norms and embeddings:
+biases, norms and embeddings (`weight_decay_groups(model, 0.05)` makes these two groups):
 
     AdamW([{"params": weights}, {"params": biases_and_norms, "weight_decay": 0.0}], lr=3e-4)
 
@@ -336,10 +336,33 @@ def cosine_schedule(
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * s))
 
 
+def weight_decay_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """Two parameter groups: the weight matrices of Linear and Conv2d layers decay by
+    `weight_decay`; everything else (biases, norm scales, embedding tables, [CLS], positions)
+    does not, as is usual for transformers: decay pulls those toward 0 for no good reason."""
+    from .nn import Conv2d, Linear  # nn does not import optim: no cycle
+
+    weights = {id(m.weight) for _, m in model.named_modules() if isinstance(m, Linear | Conv2d)}
+    params = model.parameters()
+    return [
+        {"params": [p for p in params if id(p) in weights], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in weights], "weight_decay": 0.0},
+    ]
+
+
 def set_lr(optimizer: Optimizer, lr: float) -> None:
     """Set the learning rate of every parameter group (what a schedule does each step)."""
     for group in optimizer.param_groups:
         group["lr"] = float(lr)
 
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "clip_grad_norm_", "cosine_schedule", "set_lr"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Optimizer",
+    "clip_grad_norm_",
+    "cosine_schedule",
+    "set_lr",
+    "weight_decay_groups",
+]

@@ -106,12 +106,27 @@ def gelu(x: Tensor, approximate: str = "tanh") -> Tensor:
     x = _t(x)
     a = x.data
     if approximate == "tanh":
-        t = np.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a * a * a))
-        out = 0.5 * a * (1 + t)
+        c = _SQRT_2_OVER_PI
+        t = np.multiply(a, a, out=np.empty_like(a))  # in place from here on (also for 0-d)
+        t *= 0.044715 * c
+        t += c
+        t *= a  # u = c (x + 0.044715 x^3)
+        np.tanh(t, out=t)
+        out = t + 1
+        out *= a
+        out *= 0.5
 
         def backward(g):
-            du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * a * a)
-            return (g * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * du),)
+            d = np.multiply(a, a, out=np.empty_like(a))
+            d *= 3 * 0.044715 * c
+            d += c
+            d *= a  # x du/dx
+            d *= 1 - t * t
+            d += t
+            d += 1
+            d *= 0.5
+            d *= g
+            return (d,)
 
     elif approximate == "none":
         cdf = (0.5 * (1 + erf(a / math.sqrt(2)))).astype(a.dtype)
@@ -318,32 +333,30 @@ def _normalise(a: np.ndarray, axes: Any, eps: float) -> tuple[np.ndarray, np.nda
     mean = _mean(a, axes)
     centred = a - mean
     rstd = 1 / np.sqrt(_mean(centred * centred, axes) + eps)
-    return centred * rstd, rstd
+    centred *= rstd
+    return centred, rstd
 
 
 def _affine(op, x, xhat, rstd, weight, bias, axes, grouped) -> Tensor:
     """y = xhat * w + b, with the shared normalisation backward over `axes` of grouped(.)"""
-    out = xhat
-    if weight is not None:
-        out = out * weight.data
+    out = xhat * weight.data if weight is not None else xhat.copy()
     if bias is not None:
-        out = out + bias.data
+        out += bias.data
     inputs = tuple(t for t in (x, weight, bias) if t is not None)
 
     def backward(g):
         gh = g * weight.data if weight is not None else g
         gh_g, xh_g = grouped(gh), grouped(xhat)
-        gx = (
-            gh_g
-            - _mean(gh_g, axes)
-            - xh_g * _mean(gh_g * xh_g, axes)
-        ) * rstd
+        gx = xh_g * _mean(gh_g * xh_g, axes)  # gx = (gh - mean(gh) - xhat mean(gh xhat)) rstd
+        np.subtract(gh_g, gx, out=gx)
+        gx -= _mean(gh_g, axes)
+        gx *= rstd
         grads = [gx.reshape(x.shape)]
-        lead = tuple(range(x.ndim - 1))
+        rows = g.reshape(-1, g.shape[-1])  # (N, ..., C) -> (rows, C): sums over rows are GEMVs
         if weight is not None:
-            grads.append((g * xhat).sum(axis=lead))
+            grads.append(_sum(rows * xhat.reshape(rows.shape), 0)[0])
         if bias is not None:
-            grads.append(g.sum(axis=lead))
+            grads.append(_sum(rows, 0)[0])
         return grads
 
     return record(op, out.astype(x.dtype, copy=False), inputs, backward, saved=inputs[1:])

@@ -544,11 +544,10 @@ def scaled_dot_product_attention(
         )
     scale = 1.0 / math.sqrt(d)
     qd, kd, vd = q.data, k.data, v.data
-    scores = np.matmul(qd, np.swapaxes(kd, -1, -2))
-    scores *= scale
+    scores = np.matmul(qd * scale, np.swapaxes(kd, -1, -2))  # scale the smaller operand
     allowed = _attention_mask(mask, causal, scores.shape[-2], scores.shape[-1])
     if allowed is not None:
-        scores = np.where(allowed, scores, np.finfo(scores.dtype).min)
+        np.copyto(scores, np.finfo(scores.dtype).min, where=~allowed)
     scores -= scores.max(axis=-1, keepdims=True)
     probs = np.exp(scores, out=scores)
     probs /= _sum(probs, -1)
@@ -556,11 +555,13 @@ def scaled_dot_product_attention(
 
     def backward(g):
         gv = np.matmul(np.swapaxes(probs, -1, -2), g)
-        gp = np.matmul(g, np.swapaxes(vd, -1, -2))
-        gs = probs * (gp - _sum(gp * probs, -1))
-        gs *= scale
+        gs = np.matmul(g, np.swapaxes(vd, -1, -2))  # dP, turned into dS in place:
+        gs -= _sum(gs * probs, -1)
+        gs *= probs
         gq = np.matmul(gs, kd)
+        gq *= scale
         gk = np.matmul(np.swapaxes(gs, -1, -2), qd)
+        gk *= scale
         return gq, gk, gv
 
     out = record("attention", out, (q, k, v), backward, saved=(q, k, v))

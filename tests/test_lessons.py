@@ -25,24 +25,41 @@ LESSONS = {  # lesson -> (result keys besides seconds/seed, figures it must save
     ),
     "06_audio": (
         {"test_accuracy"},
-        {"waveform.png", "spectrum.png", "spectrogram.png", "mel_spectrogram.png",
-         "mel_filterbank.png", "confusion.png", "loss.png"},
+        {
+            "waveform.png",
+            "spectrum.png",
+            "spectrogram.png",
+            "mel_spectrogram.png",
+            "mel_filterbank.png",
+            "confusion.png",
+            "loss.png",
+        },
     ),
 }
 
 
 def run_lesson(name: str, out: Path, seed: int = 0) -> dict:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "lessons" / f"{name}.py"), "--quick", "--seed", str(seed),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "lessons" / f"{name}.py"),
+            "--quick",
+            "--seed",
+            str(seed),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("result: "), lines[-5:]
     assert sum(line.startswith("result: ") for line in lines) == 1
     assert any(line.startswith("step ") for line in lines), "no progress line"
-    return json.loads(lines[-1][len("result: "):])
+    return json.loads(lines[-1][len("result: ") :])
 
 
 @pytest.mark.parametrize("name", sorted(LESSONS))

@@ -158,9 +158,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """y_i = x_i - logsumexp(x);  dx = g - softmax(x) * sum(g)."""
     x = _t(x)
     y = _log_softmax(x.data, axis)
-    return record(
-        "log_softmax", y, (x,), lambda g: (g - np.exp(y) * _sum(g, axis),)
-    )
+    return record("log_softmax", y, (x,), lambda g: (g - np.exp(y) * _sum(g, axis),))
 
 
 def logsumexp(x: Tensor, axis: int | None = -1, keepdims: bool = False) -> Tensor:

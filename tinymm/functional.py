@@ -12,6 +12,7 @@ Shapes follow the lecture: images (N, H, W, C), conv weights (kh, kw, C_in, C_ou
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -54,10 +55,18 @@ def _sum(a: np.ndarray, axis: Any) -> np.ndarray:
     """a.sum(axis, keepdims=True), as a product with a ones vector when summing the last axis
     (or the rows of a matrix): for short rows BLAS is ~5x faster than np.sum (tinymm.bench)."""
     if axis == -1 or axis == a.ndim - 1:
-        return (a @ np.ones(a.shape[-1], a.dtype))[..., None]  # (..., n) -> (..., 1)
+        return (a @ _ones(a.shape[-1], a.dtype))[..., None]  # (..., n) -> (..., 1)
     if axis == 0 and a.ndim == 2:
-        return (np.ones(a.shape[0], a.dtype) @ a)[None]  # (m, n) -> (1, n)
+        return (_ones(a.shape[0], a.dtype) @ a)[None]  # (m, n) -> (1, n)
     return a.sum(axis=axis, keepdims=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    """A read-only ones vector, made once per length and dtype."""
+    ones = np.ones(n, dtype)
+    ones.flags.writeable = False
+    return ones
 
 
 def _mean(a: np.ndarray, axes: Any) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Run every lesson in order and print one summary table: `python -m lessons [--quick]`.
+"""Run every lesson in order and print one summary table: `python -m lessons [--quick] [NAME ...]`.
 
 Each lesson runs as its own process (as a reader would run it) and ends with `result: {json}`.
 """
@@ -18,9 +18,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke runs of every lesson")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs"))
+    parser.add_argument("names", nargs="*", help="only these lessons, e.g. 01_attention or 01")
     args = parser.parse_args()
     rows, failed = [], 0
-    for script in sorted(HERE.glob("[0-9][0-9]_*.py")):
+    scripts = sorted(HERE.glob("[0-9][0-9]_*.py"))
+    if args.names:
+        scripts = [s for s in scripts if any(s.stem.startswith(n) for n in args.names)]
+        if not scripts:
+            parser.error(f"no lesson matches {args.names}")
+    for script in scripts:
         name = script.stem
         command = [
             sys.executable,

@@ -80,3 +80,18 @@ def test_lesson_quick_run_keeps_the_contract(name, tmp_path):
 def test_lessons_main_lists_every_lesson():
     scripts = sorted(p.stem for p in (ROOT / "lessons").glob("[0-9][0-9]_*.py"))
     assert scripts == sorted(LESSONS), "every lesson needs an entry in LESSONS"
+
+
+def test_python_m_lessons_prints_a_summary_table(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lessons", "--quick", "--out", str(tmp_path), "01"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("\nlesson ") :].splitlines()
+    assert table[1].split()[0] == "lesson" and "held-out metrics" in table[1]
+    assert table[2].startswith("01_attention") and "test_accuracy=" in table[2]
+    assert (tmp_path / "01_attention" / "attention.png").exists()

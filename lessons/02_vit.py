@@ -61,7 +61,7 @@ from tinymm import nn, optim, viz
 from tinymm.data.shapes import SHAPES, splits
 from tinymm.models import ViT
 from tinymm.models.vit import attention_rollout
-from tinymm.train import fit, lesson_args, result_line
+from tinymm.train import fit, in_batches, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("02_vit", __doc__)
@@ -124,12 +124,8 @@ def loss_fn(model, images, labels):
     return F.cross_entropy(logits, labels), float((logits.data.argmax(-1) == labels).mean())
 
 
-@tm.no_grad()
-def predict(model, images: np.ndarray, batch: int = 250) -> np.ndarray:
-    model.eval()
-    out = np.concatenate([model(images[i : i + batch]).data for i in range(0, len(images), batch)])
-    model.train()
-    return out.argmax(-1)
+def predict(model, images: np.ndarray) -> np.ndarray:
+    return in_batches(model, images).argmax(-1)  # (N, classes) logits -> class ids
 
 
 def accuracy(model, images: np.ndarray, labels: np.ndarray) -> float:

@@ -56,7 +56,7 @@ from tinymm import optim, viz
 from tinymm.data import COLOURS, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, BPETokenizer, splits
 from tinymm.models import CLIP, TextTransformer, ViT, zero_shot_classifier
 from tinymm.models.clip import tokenize
-from tinymm.train import fit, lesson_args, result_line
+from tinymm.train import fit, in_batches, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("03_clip", __doc__)
@@ -109,11 +109,8 @@ def loss_fn(model, images, ids, eos):
     return loss, float((similarity.argmax(1) == np.arange(len(keep))).mean())
 
 
-@tm.no_grad()
-def embed_images(images: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate(
-        [model.encode_image(images[i : i + batch]).data for i in range(0, len(images), batch)]
-    )
+def embed_images(images: np.ndarray) -> np.ndarray:
+    return in_batches(model.encode_image, images)  # (N, d) unit vectors
 
 
 @tm.no_grad()

@@ -64,7 +64,7 @@ from tinymm import audio, optim, viz
 from tinymm import functional as F
 from tinymm.data import SOUND_CLASSES, make_sounds
 from tinymm.models import ViT
-from tinymm.train import fit, lesson_args, result_line
+from tinymm.train import fit, in_batches, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("06_audio", __doc__)
@@ -121,11 +121,8 @@ def loss_fn(model, x, y):
     return F.cross_entropy(logits, y), float((logits.data.argmax(-1) == y).mean())
 
 
-@tm.no_grad()
-def predict(x: np.ndarray, batch: int = 200) -> np.ndarray:
-    return np.concatenate(
-        [model(x[i : i + batch]).data.argmax(-1) for i in range(0, len(x), batch)]
-    )
+def predict(x: np.ndarray) -> np.ndarray:
+    return in_batches(model, x).argmax(-1)  # (N, classes) logits -> class ids
 
 
 def held_out_accuracy() -> dict[str, float]:

@@ -107,3 +107,22 @@ def test_result_line_is_one_json_line(capsys):
 def test_lesson_args_defaults(tmp_path):
     args = lesson_args("xx", "doc", ["--quick", "--seed", "3", "--out", str(tmp_path / "o")])
     assert args.quick and args.seed == 3 and args.steps is None and (tmp_path / "o").is_dir()
+
+
+def test_in_batches_equals_one_big_call_and_records_no_graph():
+    from tinymm.train import in_batches
+
+    model = _model()
+    x, _ = _problem()
+    model.eval()
+    whole = model(x).data
+    seen = []
+
+    def fn(chunk):
+        out = model(chunk)
+        seen.append((len(chunk), out.requires_grad))
+        return out
+
+    np.testing.assert_allclose(in_batches(fn, x, batch_size=64), whole, rtol=1e-5, atol=1e-6)
+    assert [n for n, _ in seen] == [64, 64, 64, 8]
+    assert not any(grad for _, grad in seen)

@@ -54,6 +54,19 @@ def result_line(metrics: dict[str, Any], seconds: float, seed: int) -> str:
     return line
 
 
+def in_batches(fn: Callable[..., Any], *arrays: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """fn over aligned arrays in slices of `batch_size`, without a graph; the results (Tensors
+    or arrays) concatenated along axis 0. For evaluating on more data than one batch holds:
+        logits = in_batches(model, test_images)            # (N, classes)
+    """
+    with no_grad():
+        parts = [
+            fn(*(a[i : i + batch_size] for a in arrays))
+            for i in range(0, len(arrays[0]), batch_size)
+        ]
+    return np.concatenate([np.asarray(part) for part in parts])
+
+
 def format_seconds(s: float) -> str:
     return f"{s:.0f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
 

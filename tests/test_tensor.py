@@ -455,3 +455,15 @@ def test_in_place_change_of_an_op_result_whose_graph_is_alive_is_refused(make):
         z = x.exp()
     z.mul_(2.0)  # no graph recorded: fine
     np.testing.assert_allclose(z.data, 2 * np.exp(x.data))
+
+
+def test_python_numbers_become_shared_read_only_constants_of_the_tensor_dtype():
+    x32 = tm.tensor([1.0, 2.0])
+    x64 = tm.tensor([1.0, 2.0], dtype=np.float64)
+    assert (x32 * 0.5).dtype == np.float32 and (x64 * 0.5).dtype == np.float64
+    assert x32._wrap(0.5) is x32._wrap(0.5)  # made once
+    assert not x32._wrap(0.5).data.flags.writeable
+    assert np.signbit((x32 * -0.0).data).all() and not np.signbit((x32 * 0.0).data).any()
+    y = tm.tensor([3.0], requires_grad=True)
+    (y * 0.5 + 0.5).sum().backward()
+    np.testing.assert_array_equal(y.grad, [0.5])

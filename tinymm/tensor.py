@@ -20,6 +20,7 @@ input's shape in one place (`sum_to`). Ops that keep an input for their backward
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,7 +78,7 @@ class Node:
         self.op = op
         self.inputs = inputs
         self.backward = backward
-        self.saved = [(t, t._version) for t in saved]  # (tensor, version when saved)
+        self.saved = [(t, t._version) for t in saved] if saved else ()  # (tensor, version)
 
     def check_saved(self) -> None:
         for t, version in self.saved:
@@ -126,6 +127,14 @@ def record(
                 out._node = Node(op, tuple(inputs), backward, saved)
                 break
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _constant(value: float, dtype: np.dtype) -> Tensor:
+    """A Python number as a read-only 0-d tensor of `dtype`, made once (x * 0.5 is common)."""
+    data = np.asarray(value, dtype=dtype)
+    data.flags.writeable = False
+    return _new(data)
 
 
 def _new(data: np.ndarray) -> Tensor:
@@ -350,7 +359,9 @@ class Tensor:
         if isinstance(other, Tensor):
             return other
         if isinstance(other, _NUMBER) and self.data.dtype.kind == "f":
-            return _new(np.asarray(other, dtype=self.data.dtype))
+            if other == 0:  # -0.0 == 0.0 for the cache: keep the sign of zero
+                return _new(np.asarray(other, dtype=self.data.dtype))
+            return _constant(other, self.data.dtype)
         return Tensor(other)
 
     def __add__(self, other: Any) -> Tensor:

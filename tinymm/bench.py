@@ -34,12 +34,12 @@ What each number means:
      same NHWC bytes (`permute(0, 3, 1, 2)`), so neither side converts the layout.
    - attention uses torch.nn.functional.scaled_dot_product_attention.
 
-Times are wall-clock medians over blocks of calls, after warm-up. On a busy machine (the table
-shows the load average) multi-threaded OpenBLAS slows down many times over, because each GEMM
-waits for its threads to get a core, and torch's OpenMP threads suffer the same (even more on tiny
-ops); compare with `OPENBLAS_NUM_THREADS=1 python -m tinymm.bench` (the variable must be set
-before NumPy loads; torch then gets 1 thread too). Absolute times under load are inflated; the
-ratios, measured side by side, hold up better.
+Times are wall-clock medians over blocks of calls, after warm-up. tinymm asks OpenBLAS for one
+thread (tinymm/runtime.py); `TINYMM_BLAS_THREADS=2 python -m tinymm.bench` measures two, and
+torch then gets two as well. On a busy machine (the table shows the load average) two threads
+slow down many times over, because each GEMM waits for its threads to get a core, and torch's
+OpenMP threads suffer the same. Absolute times under load are inflated; the ratios, measured side
+by side, hold up better.
 """
 
 from __future__ import annotations

@@ -176,6 +176,8 @@ fit(
 )
 
 # --- evaluate: held-out images, as drawn and shifted ----------------------------------------------
+model.eval()
+mlp.eval()
 predicted = predict(model, test.images)
 test_accuracy = float((predicted == test.shape).mean())
 vit_shifted = accuracy(model, test_shifted, test.shape)
@@ -211,7 +213,6 @@ paths.append(
 paths.append(
     viz.position_similarity(model.pos_embedding.data[1:], model.grid, out / "pos_embedding.png")
 )
-model.eval()
 with tm.no_grad():
     _, weights = model.encode(test.images[first], return_weights=True)  # (L, n, heads, T, T)
 last_layer = weights[-1].mean(axis=1)[:, 0, 1:]  # [CLS] row, mean over heads, patches only

@@ -200,8 +200,7 @@ viz.similarity_matrix(
 )
 pair_weights = zero_shot_classifier(model, tokenizer, PAIR_NAMES, PROMPTS["pair"])
 logits = np.exp(model.logit_scale.item()) * image_embeds[:12] @ pair_weights
-probs = np.exp(logits - logits.max(1, keepdims=True))
-probs /= probs.sum(1, keepdims=True)
+probs = F.softmax(tm.tensor(logits), axis=-1).data  # the zero-shot class probabilities
 path = viz.zero_shot_grid(
     test.images[:12],
     probs,

@@ -14,6 +14,13 @@ section and `python -m tinymm.bench`):
    thread, and lose 4-17x as soon as anything else wants a core (measured with
    `python -m tinymm.bench` while other jobs ran). tinymm asks OpenBLAS for one thread
    unless OPENBLAS_NUM_THREADS is set; TINYMM_BLAS_THREADS=n (or `blas_threads(n)`) chooses.
+4. A graph is thousands of small Python objects (tensors, nodes, closures) that live for one step
+   and are freed by reference counting alone: tinymm makes no reference cycles (tested). CPython's
+   cycle collector does not know that. It runs after every 700 new objects, promotes the graph
+   being built to older generations, and every ~70,000 objects walks *every* object in the
+   process: with torch or matplotlib loaded, 200,000 of them. On a chain of tiny ops that doubled
+   the time per node (4 -> 8 us). tinymm raises the first threshold from 700 to 10,000, so the
+   collector runs 14x less often; other code's cyclic garbage is still collected, a little later.
 
 Set TINYMM_NO_TUNING=1 to leave all of this alone. None of it changes a result, only the time.
 """
@@ -21,6 +28,7 @@ Set TINYMM_NO_TUNING=1 to leave all of this alone. None of it changes a result, 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
 
@@ -28,6 +36,7 @@ OPT_OUT = "TINYMM_NO_TUNING"
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit: blocks up to 32 MiB reuse
 TRIM_THRESHOLD = 1 * 2**30  # keep up to 1 GiB of freed memory instead of returning it
+GC_THRESHOLD = 10_000  # new container objects between two young collections (CPython: 700)
 
 applied: dict[str, bool] = {}
 
@@ -40,6 +49,10 @@ def apply() -> dict[str, bool]:
         os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
     applied["openblas_thread_timeout"] = "OPENBLAS_THREAD_TIMEOUT" in os.environ
     applied["malloc_thresholds"] = _mallopt()
+    young, *older = gc.get_threshold()
+    if 0 < young < GC_THRESHOLD:  # 0: the collector is off; leave it so
+        gc.set_threshold(GC_THRESHOLD, *older)
+    applied["gc_threshold"] = gc.get_threshold()[0] >= GC_THRESHOLD
     threads = os.environ.get("TINYMM_BLAS_THREADS")
     if threads or "OPENBLAS_NUM_THREADS" not in os.environ:
         applied["blas_threads"] = blas_threads(int(threads or 1)) == int(threads or 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -242,14 +243,21 @@ def test_in_place_change_of_a_saved_tensor_raises_naming_the_op(change, name):
 
 def test_in_place_ops_compute_what_they_say():
     t = tm.tensor([1.0, 2.0])
+    assert t._version == 0  # never changed in place
+    versions = []
     assert t.add_(1.0) is t
+    versions.append(t._version)
     np.testing.assert_array_equal(t.data, [2.0, 3.0])
-    np.testing.assert_array_equal(t.add_(tm.tensor([2.0, 2.0]), alpha=-0.5).data, [1.0, 2.0])
-    np.testing.assert_array_equal(t.mul_(3).data, [3.0, 6.0])
-    np.testing.assert_array_equal(t.sub_(1).data, [2.0, 5.0])
-    np.testing.assert_array_equal(t.copy_(tm.tensor([7.0, 8.0])).data, [7.0, 8.0])
-    np.testing.assert_array_equal(t.zero_().data, [0.0, 0.0])
-    assert t._version == 6
+    for change, expected in [
+        (lambda: t.add_(tm.tensor([2.0, 2.0]), alpha=-0.5), [1.0, 2.0]),
+        (lambda: t.mul_(3), [3.0, 6.0]),
+        (lambda: t.sub_(1), [2.0, 5.0]),
+        (lambda: t.copy_(tm.tensor([7.0, 8.0])), [7.0, 8.0]),
+        (lambda: t.zero_(), [0.0, 0.0]),
+    ]:
+        np.testing.assert_array_equal(change().data, expected)
+        versions.append(t._version)
+    assert 0 < versions[0] and all(a < b for a, b in pairwise(versions))  # each one counted
 
 
 def test_in_place_change_of_a_tensor_not_saved_by_the_op_is_fine():

@@ -14,7 +14,7 @@ then releases the graph (unless `retain_graph=True`) so that the intermediate ar
 Every op is one short block below: its forward, and next to it its backward. An op returns the
 gradient for each input in the shape of the *broadcast* result; the engine sums it back to the
 input's shape in one place (`sum_to`). Ops that keep an input for their backward name it in
-`saved=`; changing such a tensor in place before backward is an error (version counters).
+`saved=`; changing such a tensor in place before backward is an error (an in-place clock).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ DEFAULT_DTYPE = np.float32
 
 _grad_enabled = True
 _rng = np.random.default_rng(0)
+_in_place_clock = 0  # how many in-place changes have happened so far, to any tensor
 
 
 def manual_seed(seed: int) -> None:
@@ -70,24 +71,28 @@ class no_grad(contextlib.ContextDecorator):
 
 
 class Node:
-    """How a tensor was made: the op, its inputs, and the function that carries gradients back."""
+    """How a tensor was made: the op, its inputs, and the function that carries gradients back.
 
-    __slots__ = ("op", "inputs", "backward", "saved")
+    `saved` are the inputs whose values the backward function reads; `made_at` is the in-place
+    clock when the node was made (see `Tensor._bump`): a saved tensor changed later is an error.
+    """
+
+    __slots__ = ("op", "inputs", "backward", "saved", "made_at")
 
     def __init__(self, op: str, inputs: tuple, backward: Callable, saved: tuple):
         self.op = op
         self.inputs = inputs
         self.backward = backward
-        self.saved = [(t, t._version) for t in saved] if saved else ()  # (tensor, version)
+        self.saved = saved
+        self.made_at = _in_place_clock
 
     def check_saved(self) -> None:
-        for t, version in self.saved:
-            if t._version != version:
+        for t in self.saved:
+            if t._version > self.made_at:
                 raise RuntimeError(
                     f"a tensor of shape {t.shape} that '{self.op}' saved for backward was "
-                    f"modified in place by '{t._inplace_op}' (version {t._version}, "
-                    f"saved at version {version}); do the in-place update after backward, "
-                    "or on a copy"
+                    f"modified in place by '{t._inplace_op}' after it was saved; do the in-place "
+                    "update after backward, or on a copy"
                 )
 
     def release(self) -> None:
@@ -119,12 +124,15 @@ def record(
 
     `backward(g)` returns one gradient (or None) per input, in the result's (broadcast) shape.
     """
-    out = _new(data if type(data) is np.ndarray else np.asarray(data))
+    out = object.__new__(Tensor)  # _new(data), inlined: this is the hottest path of all
+    out.data = data if type(data) is np.ndarray else np.asarray(data)
+    out.grad, out.requires_grad, out._node = None, False, None
+    out._version, out._inplace_op, out._retains_grad = 0, "", False
     if _grad_enabled:
         for t in inputs:
             if t.requires_grad:
                 out.requires_grad = True
-                out._node = Node(op, tuple(inputs), backward, saved)
+                out._node = Node(op, tuple(inputs), backward, tuple(saved))
                 break
     return out
 
@@ -280,48 +288,57 @@ class Tensor:
                     pending[key] = count + 1
 
         # 2. sweep: pass each tensor's finished gradient back through the op that made it
-        grads = {id(self): grad}
-        ready = [self]
+        ready = [(self, grad)]  # (tensor, its whole gradient): every op that used it is done
+        partial: dict[int, np.ndarray | None] = {}  # sums so far, for tensors still waiting
         while ready:
-            t = ready.pop()
-            g = grads.pop(id(t), None)  # None: every op that used t returned None (no gradient)
+            t, g = ready.pop()  # g None: every op that used t returned None (no gradient)
             node = t._node
             if g is not None and (node is None or t._retains_grad):
                 t.grad = np.array(g, dtype=t.data.dtype) if t.grad is None else t.grad + g
             if node is None:
                 continue
-            if node.saved:
+            if node.made_at < _in_place_clock:  # something changed in place since node was made
                 node.check_saved()
             g_inputs = node.backward(g) if g is not None else [None] * len(node.inputs)
             for inp, g_inp in zip(node.inputs, g_inputs, strict=True):
                 if not inp.requires_grad:
                     continue
-                key = id(inp)
                 if g_inp is not None:
                     data = inp.data
                     if g_inp.shape != data.shape:
                         g_inp = sum_to(g_inp, data.shape)
                     if g_inp.dtype != data.dtype:
                         g_inp = g_inp.astype(data.dtype)
-                    previous = grads.get(key)
-                    grads[key] = g_inp if previous is None else previous + g_inp
-                pending[key] -= 1  # counted even for None, so inp's other uses are not lost
-                if pending[key] == 0:
-                    ready.append(inp)
+                key = id(inp)
+                waiting = pending[key] - 1  # ops that used inp and have not sent their gradient
+                if key in partial:
+                    previous = partial.pop(key)
+                    if previous is not None:
+                        g_inp = previous if g_inp is None else previous + g_inp
+                if waiting:
+                    pending[key] = waiting
+                    partial[key] = g_inp
+                else:
+                    ready.append((inp, g_inp))
             if not retain_graph:
                 node.release()
 
     # --- in-place updates (for optimizers; not differentiable, they bump the version) ----------
     def _bump(self, op: str) -> None:
-        """Count an in-place change. Refused on a tensor an op made while its graph is alive:
-        the change would not be in the graph, so gradients through it would be silently wrong."""
+        """Record an in-place change: `_version` becomes the tick of a global clock, so a node
+        that saved this tensor before the change (its `made_at` is earlier) can tell.
+
+        Refused on a tensor an op made while its graph is alive: the change would not be in the
+        graph, so gradients through it would be silently wrong."""
+        global _in_place_clock
         if self._node is not None and self._node.backward is not None:
             raise RuntimeError(
                 f"'{op}' on a tensor made by '{self._node.op}' that is still part of a graph: "
                 "in-place updates are not recorded, so its gradient would be wrong; use an "
                 "out-of-place op (x = x * 2), or update it after backward"
             )
-        self._version += 1
+        _in_place_clock += 1
+        self._version = _in_place_clock
         self._inplace_op = op
 
     def add_(self, other: Any, alpha: float = 1.0) -> Tensor:
@@ -364,19 +381,23 @@ class Tensor:
             return _constant(other, self.data.dtype)
         return Tensor(other)
 
-    def __add__(self, other: Any) -> Tensor:
+    def _operand(self, other: Any, op: str) -> Tensor:
+        """The other operand of a binary op, wrapped; its shape must broadcast with this one."""
         other = self._wrap(other)
-        _check_broadcast("+", self, other)
+        if other.data.shape != self.data.shape and other.data.ndim:
+            _check_broadcast(op, self, other)
+        return other
+
+    def __add__(self, other: Any) -> Tensor:
+        other = self._operand(other, "+")
         return record("add", self.data + other.data, (self, other), lambda g: (g, g))
 
     def __sub__(self, other: Any) -> Tensor:
-        other = self._wrap(other)
-        _check_broadcast("-", self, other)
+        other = self._operand(other, "-")
         return record("sub", self.data - other.data, (self, other), lambda g: (g, -g))
 
     def __mul__(self, other: Any) -> Tensor:
-        other = self._wrap(other)
-        _check_broadcast("*", self, other)
+        other = self._operand(other, "*")
         a, b = self.data, other.data
 
         def backward(g):  # d(ab)/da = b, d(ab)/db = a; only what is needed (x * 2: no db)
@@ -385,8 +406,7 @@ class Tensor:
         return record("mul", a * b, (self, other), backward, saved=(self, other))
 
     def __truediv__(self, other: Any) -> Tensor:
-        other = self._wrap(other)
-        _check_broadcast("/", self, other)
+        other = self._operand(other, "/")
         a, b = self.data, other.data
         out = a / b
 
@@ -397,8 +417,7 @@ class Tensor:
         return record("div", out, (self, other), backward, saved=(self, other))
 
     def __pow__(self, exponent: Any) -> Tensor:
-        other = self._wrap(exponent)
-        _check_broadcast("**", self, other)
+        other = self._operand(exponent, "**")
         a, p = self.data, other.data
         out = a**p
 

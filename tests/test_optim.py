@@ -182,13 +182,17 @@ def test_zero_grad_sets_grads_to_none():
     assert all(p.grad is None for p in params)
 
 
-def test_step_moves_the_version_counter_so_stale_graphs_fail():
-    (p,) = make_params(shapes=[(3,)])
-    (p * p).sum().backward()
-    stale = (p * p).sum()  # saved p for its backward
-    SGD([p], lr=0.1).step()
-    with pytest.raises(RuntimeError, match="in place"):
-        stale.backward()
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_step_moves_the_version_counter_so_stale_graphs_fail(name):
+    params = make_params()
+    arrays = [p.data for p in params]
+    stale = [(p * p).sum() for p in params]  # each saved its p for its backward
+    opt = OPTIMIZERS[name](params)
+    run(opt, params, grad_sequence(1))
+    for p, array, graph in zip(params, arrays, stale, strict=True):
+        assert p.data is array  # updated in place: whoever holds p.data sees the new values
+        with pytest.raises(RuntimeError, match="in place"):
+            graph.backward()
 
 
 def test_bad_arguments_are_refused():
@@ -416,3 +420,158 @@ def test_weight_decay_groups_decay_layer_weights_only():
     kept = {names[id(p)] for p in rest["params"]}
     assert {"cls_token", "pos_embedding", "blocks.0.ln1.weight", "patch_embedding.bias"} <= kept
     assert len(decay["params"]) + len(rest["params"]) == len(model.parameters())
+
+
+# --- the flat update: a whole group at once -----------------------------------------------------
+
+
+def count_updates(optimizer):
+    """Make optimizer._update count its calls: once per group (flat) or once per parameter."""
+    calls = []
+    update = optimizer._update
+
+    def counted(p, grad, state, group):
+        calls.append(p.size)
+        return update(p, grad, state, group)
+
+    optimizer._update = counted
+    return calls
+
+
+def one_by_one(optimizer):
+    """The same optimizer, made to update one parameter at a time (the reference path)."""
+    optimizer.elementwise = False
+    return optimizer
+
+
+GROUPED = {
+    **OPTIMIZERS,
+    "adam_l2_groups": lambda groups: Adam(groups, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1),
+    "adamw_groups": lambda groups: AdamW(groups, lr=0.02, weight_decay=0.3),
+}
+FLAT_SHAPES = [(3, 4), (4,), (), (2, 1, 3), (5,)]
+
+
+def grouped(params):
+    """Three groups with their own lr and weight decay (one without decay)."""
+    return [
+        {"params": params[:2]},
+        {"params": params[2:4], "lr": 0.003, "weight_decay": 0.0},
+        {"params": params[4:], "lr": 0.05, "weight_decay": 0.2},
+    ]
+
+
+def assert_same_state_dict(a, b):
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", GROUPED)
+def test_flat_update_is_the_per_parameter_update(name, dtype):
+    """Each group in one _update call, bit for bit what one parameter at a time gives."""
+    grads = grad_sequence(6, dtype=dtype, shapes=FLAT_SHAPES)
+    flat_params = make_params(dtype=dtype, shapes=FLAT_SHAPES)
+    ref_params = make_params(dtype=dtype, shapes=FLAT_SHAPES)
+    flat = GROUPED[name](grouped(flat_params))
+    ref = one_by_one(GROUPED[name](grouped(ref_params)))
+    calls = count_updates(flat)
+    for step_grads in grads:
+        run(flat, flat_params, [step_grads])
+        run(ref, ref_params, [step_grads])
+        for p, q in zip(flat_params, ref_params, strict=True):
+            assert p.dtype == dtype and np.array_equal(p.data, q.data)
+        assert_same_state_dict(flat.state_dict(), ref.state_dict())
+    assert calls == [12 + 4, 1 + 6, 5] * len(grads)  # one call per group, all its entries
+
+    for group in flat.param_groups:  # each parameter's buffer is a view of its group's one
+        for buffer in set(flat.state_names) & flat.state[group["params"][0]].keys() - {"step"}:
+            bases = [flat.state[p][buffer].base for p in group["params"]]
+            assert bases[0] is not None and all(base is bases[0] for base in bases)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_step_without_a_gradient_falls_back_and_later_steps_stay_right(name):
+    """A step where one gradient is float64 for a float32 parameter goes one parameter at a
+    time, and the next is flat again (buffers rebuilt). A parameter without a gradient is
+    skipped (its step count stays): that step goes one by one, and for Adam so do the later
+    ones, whose step counts now differ (SGD keeps no step count: it is flat again)."""
+    shapes = [(3, 2), (4,), (2,)]
+    grads = grad_sequence(7, dtype=np.float32, shapes=shapes)
+    grads[1][0] = grads[1][0].astype(np.float64)
+    grads[3][1] = None  # no gradient for parameter 1 at step 3
+
+    def run_with_gaps(optimizer, params):
+        calls, per_step = count_updates(optimizer), []
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = None if g is None else g.copy()
+            optimizer.step()
+            per_step.append(len(calls) - sum(per_step))
+        return per_step
+
+    flat_params = make_params(dtype=np.float32, shapes=shapes)
+    ref_params = make_params(dtype=np.float32, shapes=shapes)
+    flat = OPTIMIZERS[name](flat_params)
+    per_step = run_with_gaps(flat, flat_params)
+    run_with_gaps(one_by_one(OPTIMIZERS[name](ref_params)), ref_params)
+    for p, q in zip(flat_params, ref_params, strict=True):
+        assert np.array_equal(p.data, q.data)
+    assert per_step == [1, 3, 1, 2] + ([3, 3, 3] if "adam" in name else [1, 1, 1])
+
+    if "adam" in name:  # the skipped parameter took 6 steps, the others 7
+        state = flat.state_dict()
+        assert [int(state[f"state.{i}.step"]) for i in range(3)] == [7, 6, 7]
+        start = make_params(dtype=np.float32, shapes=shapes)[1].data.astype(np.float64)
+        kept = [g[1].astype(np.float64) for g in grads if g[1] is not None]
+        if name == "adam":
+            want = adam_reference(start, kept, 0.01, 0.9, 0.999, 1e-8, l2=0.01)
+        else:
+            want = adam_reference(start, kept, 0.01, 0.8, 0.99, 1e-8, decoupled=0.01)
+        np.testing.assert_allclose(flat_params[1].data, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_load_state_dict_rebuilds_the_flat_buffers(name):
+    """A fresh optimizer given the state_dict continues exactly as the original, in one _update
+    per group again, and its state_dict stays the original's."""
+    grads = grad_sequence(7, dtype=np.float32, shapes=FLAT_SHAPES)
+    params = make_params(dtype=np.float32, shapes=FLAT_SHAPES)
+    opt = GROUPED[name](grouped(params))
+    run(opt, params, grads[:3])
+    saved = opt.state_dict()
+
+    resumed_params = [tm.tensor(p.data.copy(), requires_grad=True) for p in params]
+    resumed = GROUPED[name](grouped(resumed_params))
+    resumed.load_state_dict(saved)
+    assert_same_state_dict(resumed.state_dict(), saved)
+    calls = count_updates(resumed)
+    for step_grads in grads[3:]:
+        run(opt, params, [step_grads])
+        run(resumed, resumed_params, [step_grads])
+        for p, q in zip(params, resumed_params, strict=True):
+            assert np.array_equal(p.data, q.data)
+        assert_same_state_dict(resumed.state_dict(), opt.state_dict())
+    assert len(calls) == 3 * len(grads[3:])
+
+
+def test_state_written_by_hand_is_what_the_next_step_uses():
+    """The flat buffers are used only while every parameter's state is its slice of them: a
+    buffer replaced in `optimizer.state`, or a cleared state, is what the next step reads."""
+    grads = grad_sequence(6, dtype=np.float32, shapes=FLAT_SHAPES)
+    runs = []
+    for make in (AdamW, lambda params: one_by_one(AdamW(params))):
+        params = make_params(dtype=np.float32, shapes=FLAT_SHAPES)
+        opt = make(params)
+        run(opt, params, grads[:2])
+        opt.state[params[1]]["exp_avg"] = np.full(4, 0.5, np.float32)
+        run(opt, params, grads[2:4])
+        opt.state.clear()  # restart the moments and step counts
+        run(opt, params, grads[4:])
+        runs.append((params, opt.state_dict()))
+    (flat_params, flat_state), (ref_params, ref_state) = runs
+    for p, q in zip(flat_params, ref_params, strict=True):
+        assert np.array_equal(p.data, q.data)
+    assert_same_state_dict(flat_state, ref_state)
+    assert int(flat_state["state.0.step"]) == 2

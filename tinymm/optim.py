@@ -1,9 +1,9 @@
 """Optimizers (SGD, Adam, AdamW), gradient clipping and the warmup + cosine learning-rate schedule.
 
 After `loss.backward()` every parameter p holds its gradient g = dL/dp in `p.grad`. An optimizer
-moves each p a little against g, in place (`p.sub_`, `p.mul_`: the version counter moves, so a
-graph that saved p notices), inside `no_grad`. It may keep buffers per parameter (momentum,
-moment estimates) in `optimizer.state`.
+moves each p a little against g, in place (`p.sub_`, `p.mul_`, `p.copy_`: the version counter
+moves, so a graph that saved p notices), inside `no_grad`. It may keep buffers per parameter
+(momentum, moment estimates) in `optimizer.state`.
 
     opt = AdamW(model.parameters(), lr=3e-4)
     for step in range(total):
@@ -19,13 +19,19 @@ biases, norms and embeddings (`weight_decay_groups(model, 0.05)` makes these two
     AdamW([{"params": weights}, {"params": biases_and_norms, "weight_decay": 0.0}], lr=3e-4)
 
 Semantics and defaults are PyTorch's (torch.optim.SGD / Adam / AdamW), so results carry over.
-Each step updates one parameter at a time (`_update`); a flat, vectorised update over all
-parameters at once would replace exactly that method.
+Each optimizer writes its formula once, for one parameter: `_update(p, grad, state, group)`.
+Because that formula is elementwise, `step` runs it once per group instead of once per
+parameter whenever it can (every parameter has a gradient, one dtype, one step count): on the
+group's parameters laid end to end in one flat array, with flat moment buffers of which each
+`state[p]["exp_avg"]` is a view (`_FlatGroup`). The numbers are the same; a model with many
+small parameters then costs a handful of NumPy calls per group instead of per parameter.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -41,10 +47,13 @@ class Optimizer:
     """Base class: parameter groups, `zero_grad`, `step`, and a flat `state_dict` for checkpoints.
 
     A subclass sets `defaults` (its hyper-parameters), `state_names` (the per-parameter buffers
-    it keeps) and writes `_update(p, grad, state, group)` for one parameter.
+    it keeps) and writes `_update(p, grad, state, group)` for one parameter. It sets
+    `elementwise = True` if that update treats every entry of p on its own (no norms, no
+    shapes): then `step` may run it once on all of a group's parameters laid end to end.
     """
 
     state_names: tuple[str, ...] = ()
+    elementwise = False
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]):
         if isinstance(params, Tensor):
@@ -52,6 +61,7 @@ class Optimizer:
         self.defaults = defaults
         self.param_groups: list[dict[str, Any]] = []
         self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self._flat: dict[int, _FlatGroup] = {}  # id(group) -> that group laid end to end
         groups = list(params)
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
@@ -86,9 +96,38 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that has a gradient; parameters without one are skipped."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, p.grad, self.state[p], group)
+            flat = self._flat_group(group) if self.elementwise else None
+            if flat is None:  # one parameter at a time: the reference
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._update(p, p.grad, self.state[p], group)
+                continue
+            # the whole group at once: the same _update on its parameters laid end to end
+            np.concatenate([p.data for p in flat.params], axis=None, out=flat.values.data)
+            np.concatenate([p.grad for p in flat.params], axis=None, out=flat.grads)
+            self._update(flat.values, flat.grads, flat.state, group)
+            for p, new in zip(flat.params, flat.value_views, strict=True):
+                p.copy_(new)  # into p.data, which stays the same array; p's version moves
+            flat.share()
+
+    def _flat_group(self, group: dict) -> _FlatGroup | None:
+        """The group laid end to end for this step, or None: then it goes one parameter at a time,
+        as it must when a parameter has no gradient (it is skipped, its step count stays), when
+        dtypes differ, or when the parameters' states disagree (step counts differ since then)."""
+        params = group["params"]
+        if not params:
+            return None
+        dtype = params[0].data.dtype
+        for p in params:
+            g = p.grad
+            if g is None or g.dtype != dtype or p.data.dtype != dtype or g.shape != p.data.shape:
+                return None
+        states = [self.state[p] for p in params]
+        flat = self._flat.get(id(group))
+        if flat is None or not flat.is_state_of(params, states):
+            # first step, after load_state_dict, after a step one parameter at a time
+            flat = self._flat[id(group)] = _FlatGroup.build(params, states)
+        return flat
 
     def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
         raise NotImplementedError
@@ -167,12 +206,88 @@ class Optimizer:
                 if key != "params":
                     value = np.asarray(state_dict[f"param_groups.{g}.{key}"])
                     group[key] = value.item() if value.ndim == 0 else tuple(value.tolist())
-        self.state = defaultdict(dict)
+        self.state = defaultdict(dict)  # the flat buffers are rebuilt from these at the next step
         for i, saved in buffers.items():
             p = params[i]
             self.state[p] = {
                 b: int(v) if b == "step" else np.array(v, dtype=p.dtype) for b, v in saved.items()
             }
+
+
+class _FlatGroup:
+    """A parameter group laid end to end, so that an elementwise `_update` runs once for all of it.
+
+    Parameter i is entries offsets[i]:offsets[i+1] of each flat array: `values` (a Tensor: the
+    parameters' values, gathered before the update and copied back after), `grads`, and each
+    buffer of `state`, the group's state as if it were one parameter's ({"step": t, "exp_avg": m,
+    "exp_avg_sq": v}, m and v flat). `share` makes every parameter's own state (`states`, the
+    dicts in `optimizer.state` that `state_dict` saves) hold views of its slices and the same t.
+    Costs two scratch arrays the size of the group (values, grads); the buffers are not copied.
+    """
+
+    def __init__(self, params: list[Tensor], states: list[dict], state: dict[str, Any]):
+        self.params, self.states, self.state = list(params), states, state
+        self.shapes = [p.shape for p in params]
+        self.offsets = np.cumsum([0] + [p.size for p in params]).tolist()
+        dtype = params[0].data.dtype
+        self.values = Tensor(np.empty(self.offsets[-1], dtype))
+        self.value_views = self.split(self.values.data)
+        self.grads = np.empty(self.offsets[-1], dtype)
+        self.views: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}  # name -> (buffer, views)
+        self.share()
+
+    @classmethod
+    def build(cls, params: list[Tensor], states: list[dict]) -> _FlatGroup | None:
+        """Lay out the group from the parameters' own states (their buffers copied into flat ones),
+        if they agree: the same names, the same scalars (step count), buffers shaped like their p.
+        Before the first step all are empty, and so is the flat state: `_update` fills it."""
+        first, dtype = states[0], params[0].data.dtype
+        for p, state in zip(params, states, strict=True):
+            if state.keys() != first.keys():
+                return None
+            for name, value in state.items():
+                if isinstance(value, np.ndarray):
+                    if value.dtype != dtype or value.shape != p.data.shape:
+                        return None
+                elif value != first[name]:
+                    return None
+        state = {
+            name: np.concatenate([s[name] for s in states], axis=None)
+            if isinstance(value, np.ndarray)
+            else value
+            for name, value in first.items()
+        }
+        return cls(params, states, state)
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        """Views of a flat array, one per parameter, in the parameters' shapes."""
+        pieces = zip(self.offsets, self.offsets[1:], self.shapes, strict=False)
+        return [flat[a:b].reshape(shape) for a, b, shape in pieces]
+
+    def share(self) -> None:
+        """Hand the flat state to the parameters: the scalars, and views of any new buffer."""
+        for name, value in self.state.items():
+            if not isinstance(value, np.ndarray):
+                for state in self.states:
+                    state[name] = value
+            elif self.views.get(name, (None,))[0] is not value:  # a buffer new in this step
+                self.views[name] = (value, self.split(value))
+                for state, view in zip(self.states, self.views[name][1], strict=True):
+                    state[name] = view
+
+    def is_state_of(self, params: list[Tensor], states: list[dict]) -> bool:
+        """Are these still the group's parameters, each state exactly what `share` left there?"""
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return False
+        if not all(map(operator.is_, states, self.states)):
+            return False
+        if sum(map(len, states)) != len(self.state) * len(states):
+            return False  # a name the flat state does not have
+        for name, value in self.state.items():
+            shared = self.views[name][1] if name in self.views else itertools.repeat(value)
+            if not all(map(operator.is_, map(dict.get, states, itertools.repeat(name)), shared)):
+                return False
+        return True
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -197,6 +312,7 @@ class SGD(Optimizer):
     """
 
     state_names = ("momentum_buffer",)
+    elementwise = True
 
     def __init__(
         self,
@@ -240,6 +356,7 @@ class Adam(Optimizer):
     """
 
     state_names = ("step", "exp_avg", "exp_avg_sq")
+    elementwise = True
     decoupled_weight_decay = False
 
     def __init__(

@@ -106,7 +106,7 @@ def test_torch_vit_is_the_same_model():
 KEYS = (
     "blas_gflops_256 blas_gflops_512 blas_gflops_1024 blas_peak_gflops node_us tiny_step_ms "
     "vit_step_ms vit_gflops vit_peak_fraction vit_graph_nodes conv_ms conv_gflops attention_ms "
-    "blas_threads seconds"
+    "blas_threads tinymm_threads seconds"
 ).split()
 
 

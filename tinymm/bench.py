@@ -26,7 +26,8 @@ What each number means:
    neighbouring blocks. **ratio < 1: tinymm is faster; ratio > 1: tinymm is slower.**
    - tinymm and torch take turns block by block (tinymm, torch, tinymm, ...) in one process,
      so both see the same load; a ratio is steadier than either time on a busy machine.
-   - torch.set_num_threads(n) with n = the thread count of NumPy's BLAS, so both use as many cores.
+   - torch.set_num_threads(n) with n = the threads tinymm uses (`tinymm.parallel` splits big
+     matmuls and fused kernels over 2 threads; OpenBLAS itself has 1), so both use as many cores.
    - The torch ViT below is the same model: the same patch order, separate q/k/v projections,
      pre-norm blocks, tanh-GELU, learned position embedding, [CLS], head MLP(dim, dim, classes),
      torch.optim.AdamW with its defaults for CPU tensors.
@@ -34,12 +35,12 @@ What each number means:
      same NHWC bytes (`permute(0, 3, 1, 2)`), so neither side converts the layout.
    - attention uses torch.nn.functional.scaled_dot_product_attention.
 
-Times are wall-clock medians over blocks of calls, after warm-up. tinymm asks OpenBLAS for one
-thread (tinymm/runtime.py); `TINYMM_BLAS_THREADS=2 python -m tinymm.bench` measures two, and
-torch then gets two as well. On a busy machine (the table shows the load average) two threads
-slow down many times over, because each GEMM waits for its threads to get a core, and torch's
-OpenMP threads suffer the same. Absolute times under load are inflated; the ratios, measured side
-by side, hold up better.
+Times are wall-clock medians over blocks of calls, after warm-up. By default tinymm works on two
+threads (`tinymm/parallel.py`) with one OpenBLAS thread (`tinymm/runtime.py`), and torch gets
+two; `TINYMM_THREADS=1 python -m tinymm.bench` measures both on one. tinymm's second thread
+sleeps between jobs, so on a busy machine (the table shows the load average) it costs little;
+torch's OpenMP threads and multi-threaded BLAS wait for cores and slow down many times over.
+Absolute times under load are inflated; the ratios, measured side by side, hold up better.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from . import functional as F
-from . import nn, optim
+from . import nn, optim, parallel, runtime
 from .models import ViT
 from .tensor import Tensor, manual_seed
 
@@ -200,7 +201,9 @@ def blas_info() -> dict[str, Any]:
             info["arch"] = pool.get("architecture")
     except ImportError:
         pass
-    if info["threads"] is None:  # without threadpoolctl: what OpenBLAS / OpenMP would pick
+    if info["threads"] is None:  # without threadpoolctl: ask OpenBLAS, or read the settings
+        info["threads"] = runtime.blas_threads()
+    if info["threads"] is None:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             if os.environ.get(var, "").isdigit():
                 info["threads"] = int(os.environ[var])
@@ -529,7 +532,13 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "blas": blas_info(),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
+        "tinymm_threads": parallel.threads(),
     }
+
+
+def _threads_used(info: dict[str, Any]) -> int:
+    """How many threads tinymm computes on: its own split, or BLAS's, whichever is more."""
+    return max(info["tinymm_threads"], info["blas"]["threads"] or 1)
 
 
 def table(r: dict[str, float], info: dict[str, Any]) -> str:
@@ -541,14 +550,15 @@ def table(r: dict[str, float], info: dict[str, Any]) -> str:
         f"{info['load']:.1f} at start, {info['load_end']:.1f} at end",
         f"numpy {info['numpy']}, python {info['python']}, BLAS {blas['name']} {blas['version']} "
         f"({blas.get('arch') or '?'}), {blas['threads']} threads, "
-        f"OPENBLAS_NUM_THREADS={info['openblas_num_threads']}",
+        f"OPENBLAS_NUM_THREADS={info['openblas_num_threads']}; tinymm.parallel: "
+        f"{info['tinymm_threads']} threads",
     ]
     if "torch" in info:
-        lines.append(f"torch {info['torch']}, torch.set_num_threads({blas['threads']})")
-    if max(info["load"], info["load_end"]) > info["cores"] and blas["threads"] > 1:
+        lines.append(f"torch {info['torch']}, torch.set_num_threads({_threads_used(info)})")
+    if max(info["load"], info["load_end"]) > info["cores"] and _threads_used(info) > 1:
         lines.append(
-            "note: the machine is busy (load > cores): multi-threaded BLAS (and torch) threads "
-            "wait for cores; compare with OPENBLAS_NUM_THREADS=1"
+            "note: the machine is busy (load > cores): threads wait for cores (torch's and BLAS's "
+            "more than tinymm's); compare with TINYMM_THREADS=1"
         )
     has_torch = "ratio_vit_step" in r
     header = f"{'':44}{'tinymm':>14}" + (f"{'torch':>14}{'tinymm/torch':>14}" if has_torch else "")
@@ -595,7 +605,7 @@ def run(quick: bool = False, torch: Any = None) -> tuple[dict[str, float], dict[
     info = machine()
     info["mode"] = "quick" if quick else "full"
     if torch is not None:
-        torch.set_num_threads(info["blas"]["threads"])
+        torch.set_num_threads(_threads_used(info))
         info["torch"] = torch.__version__
     r = bench_blas(cfg)
     r |= bench_overhead(cfg, torch)
@@ -606,6 +616,7 @@ def run(quick: bool = False, torch: Any = None) -> tuple[dict[str, float], dict[
     info["seconds"] = time.perf_counter() - start
     r |= {
         "blas_threads": info["blas"]["threads"],
+        "tinymm_threads": info["tinymm_threads"],
         "cores": info["cores"],
         "load_avg_start": info["load"],
         "load_avg_end": info["load_end"],

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 from scipy.special import erf
 
+from . import parallel
 from .tensor import Tensor, default_rng, record
 
 __all__ = [
@@ -116,25 +117,37 @@ def gelu(x: Tensor, approximate: str = "tanh") -> Tensor:
     a = x.data
     if approximate == "tanh":
         c = _SQRT_2_OVER_PI
-        t = np.multiply(a, a, out=np.empty_like(a))  # in place from here on (also for 0-d)
-        t *= 0.044715 * c
-        t += c
-        t *= a  # u = c (x + 0.044715 x^3)
-        np.tanh(t, out=t)
-        out = t + 1
-        out *= a
-        out *= 0.5
+        t, out = np.empty_like(a), np.empty_like(a)
+
+        def forward_rows(r):  # in place, a row block at a time (parallel.rows)
+            x, tanh_u, y = a[r], t[r], out[r]
+            np.multiply(x, x, out=tanh_u)
+            tanh_u *= 0.044715 * c
+            tanh_u += c
+            tanh_u *= x  # u = c (x + 0.044715 x^3)
+            np.tanh(tanh_u, out=tanh_u)
+            np.add(tanh_u, 1, out=y)
+            y *= x
+            y *= 0.5
+
+        parallel.rows(forward_rows, a)
 
         def backward(g):
-            d = np.multiply(a, a, out=np.empty_like(a))
-            d *= 3 * 0.044715 * c
-            d += c
-            d *= a  # x du/dx
-            d *= 1 - t * t
-            d += t
-            d += 1
-            d *= 0.5
-            d *= g
+            d = np.empty_like(a)
+
+            def backward_rows(r):
+                x, tanh_u, dx = a[r], t[r], d[r]
+                np.multiply(x, x, out=dx)
+                dx *= 3 * 0.044715 * c
+                dx += c
+                dx *= x  # x du/dx
+                dx *= 1 - tanh_u * tanh_u
+                dx += tanh_u
+                dx += 1
+                dx *= 0.5
+                dx *= g[r]
+
+            parallel.rows(backward_rows, a)
             return (d,)
 
     elif approximate == "none":
@@ -265,15 +278,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         )
     lead = x.shape[:-1]
     x2 = x.data.reshape(-1, x.shape[-1])  # (N, ..., in) -> (N*..., in)
-    out = x2 @ weight.data
+    out = parallel.matmul(x2, weight.data)
     if bias is not None:
         out += bias.data
     inputs = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):
         g2 = g.reshape(-1, g.shape[-1])
-        gx = (g2 @ weight.data.T).reshape(x.shape) if x.requires_grad else None
-        gw = x2.T @ g2 if weight.requires_grad else None
+        gx = parallel.matmul(g2, weight.data.T).reshape(x.shape) if x.requires_grad else None
+        gw = parallel.matmul(x2.T, g2) if weight.requires_grad else None
         if bias is None:
             return gx, gw
         return gx, gw, _sum(g2, 0)[0]
@@ -337,11 +350,27 @@ def group_norm(
 
 
 def _normalise(a: np.ndarray, axes: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    mean = _mean(a, axes)
-    centred = a - mean
-    rstd = 1 / np.sqrt(_mean(centred * centred, axes) + eps)
-    centred *= rstd
-    return centred, rstd
+    """xhat = (a - mean) / sqrt(var + eps) and rstd = 1 / sqrt(var + eps), over `axes`."""
+    xhat = np.empty_like(a)
+    reduced = {axis % a.ndim for axis in (axes if isinstance(axes, tuple) else (axes,))}
+    rstd = np.empty([1 if i in reduced else n for i, n in enumerate(a.shape)], a.dtype)
+
+    def normalise_rows(r):
+        x, centred = a[r], xhat[r]
+        np.subtract(x, _mean(x, axes), out=centred)
+        np.divide(1, np.sqrt(_mean(centred * centred, axes) + eps), out=rstd[r])
+        centred *= rstd[r]
+
+    _norm_rows(normalise_rows, a)
+    return xhat, rstd
+
+
+def _norm_rows(kernel: Any, a: np.ndarray) -> None:
+    """parallel.rows over axis 0, unless axis 0 is the one normalised (a 1-D input)."""
+    if a.ndim > 1:
+        parallel.rows(kernel, a)
+    else:
+        kernel(...)
 
 
 def _affine(op, x, xhat, rstd, weight, bias, axes, grouped) -> Tensor:
@@ -354,10 +383,16 @@ def _affine(op, x, xhat, rstd, weight, bias, axes, grouped) -> Tensor:
     def backward(g):
         gh = g * weight.data if weight is not None else g
         gh_g, xh_g = grouped(gh), grouped(xhat)
-        gx = xh_g * _mean(gh_g * xh_g, axes)  # gx = (gh - mean(gh) - xhat mean(gh xhat)) rstd
-        np.subtract(gh_g, gx, out=gx)
-        gx -= _mean(gh_g, axes)
-        gx *= rstd
+        gx = np.empty_like(gh_g)
+
+        def backward_rows(r):  # gx = (gh - mean(gh) - xhat mean(gh xhat)) rstd
+            gh_r, xh_r, gx_r = gh_g[r], xh_g[r], gx[r]
+            np.multiply(xh_r, _mean(gh_r * xh_r, axes), out=gx_r)
+            np.subtract(gh_r, gx_r, out=gx_r)
+            gx_r -= _mean(gh_r, axes)
+            gx_r *= rstd[r]
+
+        _norm_rows(backward_rows, gh_g)
         grads = [gx.reshape(x.shape)]
         rows = g.reshape(-1, g.shape[-1])  # (N, ..., C) -> (rows, C): sums over rows are GEMVs
         if weight is not None:
@@ -425,14 +460,14 @@ def conv2d(
     n, ho, wo = cols.shape[:3]
     cols = cols.reshape(n * ho * wo, kh * kw * c_in)  # the im2col copy
     w2 = weight.data.reshape(kh * kw * c_in, c_out)
-    out = cols @ w2
+    out = parallel.matmul(cols, w2)
     if bias is not None:
         out += bias.data
     inputs = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):
         g2 = g.reshape(-1, c_out)
-        gw = (cols.T @ g2).reshape(weight.shape) if weight.requires_grad else None
+        gw = parallel.matmul(cols.T, g2).reshape(weight.shape) if weight.requires_grad else None
         gx = None
         if x.requires_grad:
             gxp = np.zeros(xp.shape, dtype=xp.dtype)
@@ -440,7 +475,8 @@ def conv2d(
                 for j in range(kw):
                     rows = slice(i, i + stride * (ho - 1) + 1, stride)
                     cols_ = slice(j, j + stride * (wo - 1) + 1, stride)
-                    gxp[:, rows, cols_] += (g2 @ weight.data[i, j].T).reshape(n, ho, wo, c_in)
+                    gx_ij = parallel.matmul(g2, weight.data[i, j].T)
+                    gxp[:, rows, cols_] += gx_ij.reshape(n, ho, wo, c_in)
             gx = gxp[:, p : p + x.shape[1], p : p + x.shape[2]] if p else gxp
         grads = [gx, gw]
         if bias is not None:
@@ -551,23 +587,34 @@ def scaled_dot_product_attention(
         )
     scale = 1.0 / math.sqrt(d)
     qd, kd, vd = q.data, k.data, v.data
-    scores = np.matmul(qd * scale, np.swapaxes(kd, -1, -2))  # scale the smaller operand
+    scores = parallel.matmul(qd * scale, np.swapaxes(kd, -1, -2))  # scale the smaller operand
     allowed = _attention_mask(mask, causal, scores.shape[-2], scores.shape[-1])
     if allowed is not None:
         np.copyto(scores, np.finfo(scores.dtype).min, where=~allowed)
-    scores -= scores.max(axis=-1, keepdims=True)
-    probs = np.exp(scores, out=scores)
-    probs /= _sum(probs, -1)
-    out = np.matmul(probs, vd)
+
+    def softmax_rows(r):  # scores -> P, in place, over the keys
+        s = scores[r]
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= _sum(s, -1)
+
+    parallel.rows(softmax_rows, scores)
+    probs = scores
+    out = parallel.matmul(probs, vd)
 
     def backward(g):
-        gv = np.matmul(np.swapaxes(probs, -1, -2), g)
-        gs = np.matmul(g, np.swapaxes(vd, -1, -2))  # dP, turned into dS in place:
-        gs -= _sum(gs * probs, -1)
-        gs *= probs
-        gq = np.matmul(gs, kd)
+        gv = parallel.matmul(np.swapaxes(probs, -1, -2), g)
+        gs = parallel.matmul(g, np.swapaxes(vd, -1, -2))  # dP, turned into dS in place:
+
+        def softmax_backward_rows(r):
+            ds, p = gs[r], probs[r]
+            ds -= _sum(ds * p, -1)
+            ds *= p
+
+        parallel.rows(softmax_backward_rows, gs)
+        gq = parallel.matmul(gs, kd)
         gq *= scale
-        gk = np.matmul(np.swapaxes(gs, -1, -2), qd)
+        gk = parallel.matmul(np.swapaxes(gs, -1, -2), qd)
         gk *= scale
         return gq, gk, gv
 

@@ -1,0 +1,122 @@
+"""tinymm.parallel: splitting work over two threads changes no result."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import tinymm as tm
+import tinymm.functional as F
+from tinymm import parallel
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Two threads and no size thresholds: every matmul and fused kernel is split."""
+    monkeypatch.setattr(parallel, "MIN_SIZE", 0)
+    monkeypatch.setattr(parallel, "MIN_MACS", 0)
+    before = parallel.threads()
+    parallel.set_threads(2)
+    yield
+    parallel.set_threads(before)
+
+
+@pytest.mark.parametrize(
+    "a_shape, b_shape",
+    [
+        ((7, 5), (5, 3)),  # rows of a split
+        ((1, 5), (5, 3)),  # one row: nothing to split
+        ((4, 3, 6, 5), (4, 3, 5, 2)),  # same batch: the leading axis split
+        ((4, 6, 5), (1, 5, 2)),  # broadcast batch: one np.matmul
+        ((6, 5), (3, 5, 2)),  # a broadcast over b's batch
+        ((0, 5), (5, 3)),  # empty
+        ((5,), (5, 3)),  # vector @ matrix
+    ],
+)
+def test_matmul_is_numpys_matmul(split_everything, a_shape, b_shape):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(a_shape, dtype=np.float32)
+    b = rng.standard_normal(b_shape, dtype=np.float32)
+    out = parallel.matmul(a, b)
+    expected = np.matmul(a, b)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_calls_the_kernel_once_per_half_and_covers_every_row(split_everything):
+    seen = []
+    parallel.rows(lambda r: seen.append(r), np.zeros((5, 2)))
+    assert sorted((r.start, r.stop) for r in seen) == [(0, 2), (2, 5)]
+    seen.clear()
+    parallel.rows(lambda r: seen.append(r), np.zeros(()))  # 0-d: one call, everything
+    assert seen == [...]
+
+
+def test_small_work_stays_on_one_call():
+    seen = []
+    parallel.rows(lambda r: seen.append(r), np.zeros((5, 2)))
+    assert seen == [...]
+
+
+def test_an_error_on_the_worker_reaches_the_caller(split_everything):
+    def kernel(r):
+        if r != slice(0, 2):  # the worker's half
+            raise ValueError("worker failed")
+
+    with pytest.raises(ValueError, match="worker failed"):
+        parallel.rows(kernel, np.zeros((4, 2)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_its_own_worker(split_everything):
+    a = np.ones((4, 3), np.float32)
+    parallel.matmul(a, a.T)  # the parent's worker thread exists now
+    pid = os.fork()
+    if pid == 0:  # child: the split must not wait for the parent's worker (it is not here)
+        ok = np.array_equal(parallel.matmul(a, a.T), np.full((4, 4), 3.0))
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung waiting for a worker thread it does not have")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_threads_setting():
+    with pytest.raises(ValueError, match="1 or 2"):
+        parallel.set_threads(3)
+    before = parallel.threads()
+    parallel.set_threads(1)
+    assert parallel.threads() == 1
+    parallel.set_threads(before)
+
+
+def _transformer_step():
+    """Loss and every gradient of a transformer block with attention, layer norm and GELU."""
+    tm.manual_seed(0)
+    block = tm.nn.TransformerBlock(16, 4, mlp_ratio=2)
+    norm = tm.nn.GroupNorm(2, 4)
+    x = tm.randn(6, 9, 16, requires_grad=True)
+    images = tm.randn(3, 4, 4, 4, requires_grad=True)
+    loss = (block(x) ** 2).mean() + (F.layer_norm(x[0, 0], None, None) ** 3).sum()  # one row
+    loss = loss + (norm(images) ** 3).mean() + F.gelu(x).mean()
+    loss.backward()
+    grads = {name: p.grad for name, p in block.named_parameters()}
+    grads |= {f"norm.{name}": p.grad for name, p in norm.named_parameters()}
+    grads["images"] = images.grad
+    return loss.item(), x.grad, grads
+
+
+def test_a_training_step_is_the_same_on_one_thread_and_two(split_everything):
+    loss2, x_grad2, grads2 = _transformer_step()
+    parallel.set_threads(1)
+    loss1, x_grad1, grads1 = _transformer_step()
+    assert loss1 == pytest.approx(loss2, rel=1e-6)
+    np.testing.assert_allclose(x_grad2, x_grad1, rtol=1e-5, atol=1e-7)
+    for name in grads1:
+        np.testing.assert_allclose(grads2[name], grads1[name], rtol=1e-5, atol=1e-7, err_msg=name)

@@ -1,0 +1,98 @@
+"""Two cores for the big matmuls and elementwise kernels: all of tinymm's threading is here.
+
+tinymm gives OpenBLAS one thread (runtime.py explains why), so by itself a step would use one core
+of a laptop. NumPy releases the GIL inside its loops and BLAS calls, so two Python threads can
+each do half of the rows at the same time. Two functions do that, for the ops that are worth it:
+
+    matmul(a, b)          a @ b, the rows of a (or the leading axis of both) split in two
+    rows(kernel, like)    kernel(slice(n // 2, n)) on a worker thread, kernel(slice(0, n // 2))
+                          on this one, n = len(like); kernel(...) once (all rows) when small
+
+A kernel reads and writes only its own rows of arrays made before the call, so which thread did
+which half changes nothing: every output element is computed by the same code either way.
+
+Handing work to the worker costs ~30 us (waking it), so small jobs (under MIN_SIZE elements, or
+MIN_MACS multiply-adds) stay on one thread. The worker sleeps between jobs (no spinning, unlike
+BLAS threads): on a busy machine a split op costs about what one thread would.
+TINYMM_THREADS=1, or `set_threads(1)`, keeps everything on the calling thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import EllipsisType
+
+import numpy as np
+
+MIN_SIZE = 2**17  # elements of an elementwise kernel worth splitting (~0.1 ms of work)
+MIN_MACS = 2**22  # multiply-adds of a matmul worth splitting (~0.1 ms of work)
+
+_threads = 1 if os.environ.get("TINYMM_THREADS") == "1" else 2
+_pool: ThreadPoolExecutor | None = None
+_local = threading.local()
+
+
+def set_threads(n: int) -> None:
+    """Use 1 (the calling thread only) or 2 threads for big matmuls and fused kernels."""
+    global _threads
+    if n not in (1, 2):
+        raise ValueError(f"tinymm splits work over 1 or 2 threads, got {n}")
+    _threads = n
+
+
+def threads() -> int:
+    """How many threads tinymm's ops use (1 or 2)."""
+    return _threads
+
+
+Index = slice | EllipsisType  # a half of the rows, or ... for all of them
+
+
+def rows(kernel: Callable[[Index], object], like: np.ndarray) -> None:
+    """kernel(index) over the rows (first axis) of arrays shaped as `like`: two calls, with the
+    halves, on two threads when `like` has MIN_SIZE elements or more; else one call kernel(...)."""
+    _run(kernel, like.shape[0] if like.ndim else 1, like.size >= MIN_SIZE)
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b on two threads: rows of a 2-D `a`, or the leading axis when a and b have the same
+    batch shape. Anything else (broadcast batches, small products) is one np.matmul."""
+    if a.ndim != b.ndim or a.ndim < 2 or a.shape[:-2] != b.shape[:-2]:
+        return np.matmul(a, b)
+    out = np.empty((*a.shape[:-1], b.shape[-1]), np.result_type(a, b))
+    batched = a.ndim > 2  # then each half is a slice of the batch of both operands
+
+    def kernel(r: Index) -> None:
+        np.matmul(a[r], b[r] if batched else b, out=out[r])
+
+    _run(kernel, a.shape[0], a.size * b.shape[-1] >= MIN_MACS)  # a.size * N multiply-adds
+    return out
+
+
+def _run(kernel: Callable[[Index], object], n: int, big: bool) -> None:
+    global _pool
+    if _threads == 1 or n < 2 or not big or getattr(_local, "worker", False):
+        kernel(...)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="tinymm", initializer=_mark_worker)
+    half = n // 2
+    other = _pool.submit(kernel, slice(half, n))
+    kernel(slice(0, half))
+    other.result()  # wait for the worker's half (and raise its error, if any)
+
+
+def _mark_worker() -> None:
+    _local.worker = True  # a kernel that calls rows() again runs it on this thread alone
+
+
+def _forget_pool() -> None:
+    global _pool
+    _pool = None  # a forked child has no worker thread: it starts its own when needed
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)

@@ -45,10 +45,21 @@ def test_matmul_is_numpys_matmul(split_everything, a_shape, b_shape):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_matmul_adds_the_bias_to_every_row(split, monkeypatch):
+    if split:
+        monkeypatch.setattr(parallel, "MIN_MACS", 0)
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((9, 4), dtype=np.float32)
+    b = rng.standard_normal((4, 3), dtype=np.float32)
+    bias = rng.standard_normal(3, dtype=np.float32)
+    np.testing.assert_allclose(parallel.matmul(a, b, bias), a @ b + bias, rtol=1e-5, atol=1e-6)
+
+
 def test_rows_calls_the_kernel_once_per_half_and_covers_every_row(split_everything):
     seen = []
     parallel.rows(lambda r: seen.append(r), np.zeros((5, 2)))
-    assert sorted((r.start, r.stop) for r in seen) == [(0, 2), (2, 5)]
+    assert sorted((r.start, r.stop) for r in seen) == [(0, 2), (2, 5)]  # 55% of 5 rows: 2
     seen.clear()
     parallel.rows(lambda r: seen.append(r), np.zeros(()))  # 0-d: one call, everything
     assert seen == [...]
@@ -120,3 +131,32 @@ def test_a_training_step_is_the_same_on_one_thread_and_two(split_everything):
     np.testing.assert_allclose(x_grad2, x_grad1, rtol=1e-5, atol=1e-7)
     for name in grads1:
         np.testing.assert_allclose(grads2[name], grads1[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, mask",
+    [
+        ((4, 2, 5, 3), (4, 2, 5, 3), "causal"),  # split over the batch, a causal mask
+        ((4, 2, 5, 3), (4, 2, 7, 3), (4, 2, 5, 7)),  # split, a mask per sequence
+        ((4, 2, 5, 3), (4, 2, 7, 3), (4, 1, 1, 7)),  # padding mask broadcast over heads: one call
+        ((4, 2, 5, 3), (1, 2, 7, 3), None),  # keys shared by the batch: one call, broadcast
+        ((5, 3), (7, 3), None),  # no batch axes at all
+    ],
+)
+def test_attention_is_the_same_on_one_thread_and_two(split_everything, q_shape, k_shape, mask):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(q_shape, dtype=np.float32)
+    k = rng.standard_normal(k_shape, dtype=np.float32)
+    v = rng.standard_normal(k_shape[:-1] + (4,), dtype=np.float32)
+    allowed = None if mask in (None, "causal") else rng.random(mask) > 0.3
+
+    def run():
+        ts = [tm.tensor(a, requires_grad=True) for a in (q, k, v)]
+        out = F.scaled_dot_product_attention(*ts, mask=allowed, causal=mask == "causal")
+        (out * out).sum().backward()
+        return [out.data] + [t.grad for t in ts]
+
+    two = run()
+    parallel.set_threads(1)
+    for a, b in zip(two, run(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

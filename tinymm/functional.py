@@ -278,9 +278,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         )
     lead = x.shape[:-1]
     x2 = x.data.reshape(-1, x.shape[-1])  # (N, ..., in) -> (N*..., in)
-    out = parallel.matmul(x2, weight.data)
-    if bias is not None:
-        out += bias.data
+    out = parallel.matmul(x2, weight.data, None if bias is None else bias.data)
     inputs = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):
@@ -460,9 +458,7 @@ def conv2d(
     n, ho, wo = cols.shape[:3]
     cols = cols.reshape(n * ho * wo, kh * kw * c_in)  # the im2col copy
     w2 = weight.data.reshape(kh * kw * c_in, c_out)
-    out = parallel.matmul(cols, w2)
-    if bias is not None:
-        out += bias.data
+    out = parallel.matmul(cols, w2, None if bias is None else bias.data)
     inputs = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):
@@ -587,39 +583,55 @@ def scaled_dot_product_attention(
         )
     scale = 1.0 / math.sqrt(d)
     qd, kd, vd = q.data, k.data, v.data
-    scores = parallel.matmul(qd * scale, np.swapaxes(kd, -1, -2))  # scale the smaller operand
-    allowed = _attention_mask(mask, causal, scores.shape[-2], scores.shape[-1])
-    if allowed is not None:
-        np.copyto(scores, np.finfo(scores.dtype).min, where=~allowed)
+    lq, lk = qd.shape[-2], kd.shape[-2]
+    allowed = _attention_mask(mask, causal, lq, lk)
+    batch = np.broadcast_shapes(qd.shape[:-2], kd.shape[:-2], vd.shape[:-2])
+    dtype = np.result_type(qd, kd, vd)
+    probs = np.empty((*batch, lq, lk), dtype)
+    out = np.empty((*batch, lq, vd.shape[-1]), dtype)
+    # sequences are independent: split the batch over two threads when q, k, v (and the mask)
+    # all have the same batch axes; else compute everything in one call, with broadcasting
+    split = parallel.rows if _same_batch(batch, (qd, kd, vd), allowed) else _one_call
 
-    def softmax_rows(r):  # scores -> P, in place, over the keys
-        s = scores[r]
+    def forward(r):  # for the sequences r (or ...: all): P = softmax(Q K^T / sqrt(d)), out = P V
+        s = np.matmul(qd[r] * scale, np.swapaxes(kd[r], -1, -2), out=probs[r])  # scale the smaller
+        if allowed is not None:
+            np.copyto(s, np.finfo(dtype).min, where=~(allowed[r] if allowed.ndim > 2 else allowed))
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= _sum(s, -1)
+        np.matmul(s, vd[r], out=out[r])
 
-    parallel.rows(softmax_rows, scores)
-    probs = scores
-    out = parallel.matmul(probs, vd)
+    split(forward, probs)
 
     def backward(g):
-        gv = parallel.matmul(np.swapaxes(probs, -1, -2), g)
-        gs = parallel.matmul(g, np.swapaxes(vd, -1, -2))  # dP, turned into dS in place:
+        gq, gk, gv = (np.empty((*batch, *t.shape[-2:]), dtype) for t in (qd, kd, vd))
 
-        def softmax_backward_rows(r):
-            ds, p = gs[r], probs[r]
+        def backward_rows(r):
+            p = probs[r]
+            np.matmul(np.swapaxes(p, -1, -2), g[r], out=gv[r])
+            ds = np.matmul(g[r], np.swapaxes(vd[r], -1, -2))  # dP, turned into dS in place:
             ds -= _sum(ds * p, -1)
             ds *= p
+            np.multiply(np.matmul(ds, kd[r], out=gq[r]), scale, out=gq[r])
+            np.multiply(np.matmul(np.swapaxes(ds, -1, -2), qd[r], out=gk[r]), scale, out=gk[r])
 
-        parallel.rows(softmax_backward_rows, gs)
-        gq = parallel.matmul(gs, kd)
-        gq *= scale
-        gk = parallel.matmul(np.swapaxes(gs, -1, -2), qd)
-        gk *= scale
+        split(backward_rows, probs)
         return gq, gk, gv
 
     out = record("attention", out, (q, k, v), backward, saved=(q, k, v))
     return (out, Tensor(probs)) if return_weights else out
+
+
+def _same_batch(batch: tuple, arrays: tuple, mask: np.ndarray | None) -> bool:
+    """Do q, k, v have the batch axes `batch`, and the mask too (or none: one for all)?"""
+    if not batch or any(a.shape[:-2] != batch for a in arrays):
+        return False
+    return mask is None or mask.ndim <= 2 or mask.shape[:-2] == batch
+
+
+def _one_call(kernel: Any, _: np.ndarray) -> None:
+    kernel(...)  # as parallel.rows, without splitting
 
 
 def _attention_mask(mask: Any, causal: bool, lq: int, lk: int) -> np.ndarray | None:

@@ -4,9 +4,9 @@ tinymm gives OpenBLAS one thread (runtime.py explains why), so by itself a step 
 of a laptop. NumPy releases the GIL inside its loops and BLAS calls, so two Python threads can
 each do half of the rows at the same time. Two functions do that, for the ops that are worth it:
 
-    matmul(a, b)          a @ b, the rows of a (or the leading axis of both) split in two
-    rows(kernel, like)    kernel(slice(n // 2, n)) on a worker thread, kernel(slice(0, n // 2))
-                          on this one, n = len(like); kernel(...) once (all rows) when small
+    matmul(a, b, bias)    a @ b + bias, the rows of a (or the leading axis of both) split in two
+    rows(kernel, like)    kernel(slice(h, n)) on a worker thread, kernel(slice(0, h)) on this
+                          one, n = len(like), h ~ n / 2; kernel(...) once (all rows) when small
 
 A kernel reads and writes only its own rows of arrays made before the call, so which thread did
 which half changes nothing: every output element is computed by the same code either way.
@@ -57,18 +57,29 @@ def rows(kernel: Callable[[Index], object], like: np.ndarray) -> None:
     _run(kernel, like.shape[0] if like.ndim else 1, like.size >= MIN_SIZE)
 
 
-def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b on two threads: rows of a 2-D `a`, or the leading axis when a and b have the same
-    batch shape. Anything else (broadcast batches, small products) is one np.matmul."""
-    if a.ndim != b.ndim or a.ndim < 2 or a.shape[:-2] != b.shape[:-2]:
-        return np.matmul(a, b)
+def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """a @ b (+ bias, added to every row) on two threads: rows of a 2-D `a`, or the leading axis
+    when a and b have the same batch shape. Small products, broadcast batches: one np.matmul."""
+    if (
+        _threads == 1
+        or a.ndim < 2
+        or a.size * b.shape[-1] < MIN_MACS  # a.size * N multiply-adds
+        or a.ndim != b.ndim
+        or a.shape[:-2] != b.shape[:-2]
+    ):
+        out = np.matmul(a, b)
+        if bias is not None:
+            out += bias
+        return out
     out = np.empty((*a.shape[:-1], b.shape[-1]), np.result_type(a, b))
     batched = a.ndim > 2  # then each half is a slice of the batch of both operands
 
     def kernel(r: Index) -> None:
         np.matmul(a[r], b[r] if batched else b, out=out[r])
+        if bias is not None:
+            out[r] += bias
 
-    _run(kernel, a.shape[0], a.size * b.shape[-1] >= MIN_MACS)  # a.size * N multiply-adds
+    _run(kernel, a.shape[0], True)
     return out
 
 
@@ -79,7 +90,7 @@ def _run(kernel: Callable[[Index], object], n: int, big: bool) -> None:
         return
     if _pool is None:
         _pool = ThreadPoolExecutor(1, thread_name_prefix="tinymm", initializer=_mark_worker)
-    half = n // 2
+    half = int(n * 0.55)  # the worker starts ~30 us late (waking up): give it a bit less
     other = _pool.submit(kernel, slice(half, n))
     kernel(slice(0, half))
     other.result()  # wait for the worker's half (and raise its error, if any)

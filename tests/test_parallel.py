@@ -65,6 +65,17 @@ def test_rows_calls_the_kernel_once_per_half_and_covers_every_row(split_everythi
     assert seen == [...]
 
 
+def test_both_returns_the_two_results_in_order_from_two_threads(split_everything):
+    import threading
+
+    first, second = parallel.both(threading.get_ident, threading.get_ident, macs=1)
+    assert first == threading.get_ident() and second != first  # second ran on the worker
+    with pytest.raises(ZeroDivisionError):
+        parallel.both(lambda: 1, lambda: 1 / 0, macs=1)
+    parallel.set_threads(1)
+    assert len(set(parallel.both(threading.get_ident, threading.get_ident, macs=1))) == 1
+
+
 def test_small_work_stays_on_one_call():
     seen = []
     parallel.rows(lambda r: seen.append(r), np.zeros((5, 2)))

@@ -7,13 +7,17 @@ each do half of the rows at the same time. Two functions do that, for the ops th
     matmul(a, b, bias)    a @ b + bias, the rows of a (or the leading axis of both) split in two
     rows(kernel, like)    kernel(slice(h, n)) on a worker thread, kernel(slice(0, h)) on this
                           one, n = len(like), h ~ n / 2; kernel(...) once (all rows) when small
+    both(f, g, macs)      f() here and g() on the worker: two independent jobs at once
 
 A kernel reads and writes only its own rows of arrays made before the call, so which thread did
 which half changes nothing: every output element is computed by the same code either way.
 
-Handing work to the worker costs ~30 us (waking it), so small jobs (under MIN_SIZE elements, or
-MIN_MACS multiply-adds) stay on one thread. The worker sleeps between jobs (no spinning, unlike
-BLAS threads): on a busy machine a split op costs about what one thread would.
+Handing work to the worker costs ~30 us (waking it), and while both threads run, every NumPy
+call of a kernel hands the GIL back and forth (~10-30 us each time). So only big jobs are split:
+matmuls of MIN_MACS multiply-adds or more (one long call), and elementwise kernels over MIN_SIZE
+elements or more (each of their calls long enough: attention's softmax, not a layer norm).
+The worker sleeps between jobs (no spinning, unlike BLAS threads): on a busy machine a split op
+costs about what one thread would.
 TINYMM_THREADS=1, or `set_threads(1)`, keeps everything on the calling thread.
 """
 
@@ -24,10 +28,11 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import EllipsisType
+from typing import TypeVar
 
 import numpy as np
 
-MIN_SIZE = 2**17  # elements of an elementwise kernel worth splitting (~0.1 ms of work)
+MIN_SIZE = 2**20  # elements of an elementwise kernel worth splitting (see above)
 MIN_MACS = 2**22  # multiply-adds of a matmul worth splitting (~0.1 ms of work)
 
 _threads = 1 if os.environ.get("TINYMM_THREADS") == "1" else 2
@@ -48,6 +53,7 @@ def threads() -> int:
     return _threads
 
 
+A, B = TypeVar("A"), TypeVar("B")
 Index = slice | EllipsisType  # a half of the rows, or ... for all of them
 
 
@@ -83,17 +89,31 @@ def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.n
     return out
 
 
+def both(first: Callable[[], A], second: Callable[[], B], macs: int) -> tuple[A, B]:
+    """(first(), second()), with second() on the worker thread while first() runs on this one
+    when the two jobs are big (`macs`: multiply-adds of each). For two independent products of
+    the same size, such as the input and weight gradients of a matmul."""
+    if _threads == 1 or macs < MIN_MACS or getattr(_local, "worker", False):
+        return first(), second()
+    other = _worker().submit(second)
+    return first(), other.result()
+
+
 def _run(kernel: Callable[[Index], object], n: int, big: bool) -> None:
-    global _pool
     if _threads == 1 or n < 2 or not big or getattr(_local, "worker", False):
         kernel(...)
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(1, thread_name_prefix="tinymm", initializer=_mark_worker)
     half = int(n * 0.55)  # the worker starts ~30 us late (waking up): give it a bit less
-    other = _pool.submit(kernel, slice(half, n))
+    other = _worker().submit(kernel, slice(half, n))
     kernel(slice(0, half))
     other.result()  # wait for the worker's half (and raise its error, if any)
+
+
+def _worker() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="tinymm", initializer=_mark_worker)
+    return _pool
 
 
 def _mark_worker() -> None:

@@ -95,10 +95,6 @@ class Node:
                     "update after backward, or on a copy"
                 )
 
-    def release(self) -> None:
-        self.inputs = self.backward = None
-        self.saved = ()
-
 
 def sum_to(grad: np.ndarray, shape: tuple) -> np.ndarray:
     """Sum a broadcast gradient back to `shape`: the adjoint of np.broadcast_to(x, grad.shape)."""
@@ -307,7 +303,7 @@ class Tensor:
                     data = inp.data
                     if g_inp.shape != data.shape:
                         g_inp = sum_to(g_inp, data.shape)
-                    if g_inp.dtype != data.dtype:
+                    if g_inp.dtype is not data.dtype and g_inp.dtype != data.dtype:
                         g_inp = g_inp.astype(data.dtype)
                 key = id(inp)
                 waiting = pending[key] - 1  # ops that used inp and have not sent their gradient
@@ -320,8 +316,9 @@ class Tensor:
                     partial[key] = g_inp
                 else:
                     ready.append((inp, g_inp))
-            if not retain_graph:
-                node.release()
+            if not retain_graph:  # free what the node holds: inputs, the arrays backward kept
+                node.inputs = node.backward = None
+                node.saved = ()
 
     # --- in-place updates (for optimizers; not differentiable, they bump the version) ----------
     def _bump(self, op: str) -> None:
@@ -383,6 +380,8 @@ class Tensor:
 
     def _operand(self, other: Any, op: str) -> Tensor:
         """The other operand of a binary op, wrapped; its shape must broadcast with this one."""
+        if type(other) is float and other and self.data.dtype.kind == "f":  # x * 0.5: the most
+            return _constant(other, self.data.dtype)  # common case, and a 0-d constant broadcasts
         other = self._wrap(other)
         if other.data.shape != self.data.shape and other.data.ndim:
             _check_broadcast(op, self, other)

@@ -119,7 +119,8 @@ def test_threads_setting():
 
 
 def _transformer_step():
-    """Loss and every gradient of a transformer block with attention, layer norm and GELU."""
+    """Loss and every gradient of a transformer block (attention, layer norm, GELU), a group
+    norm and convolutions."""
     tm.manual_seed(0)
     block = tm.nn.TransformerBlock(16, 4, mlp_ratio=2)
     norm = tm.nn.GroupNorm(2, 4)
@@ -127,9 +128,13 @@ def _transformer_step():
     images = tm.randn(3, 4, 4, 4, requires_grad=True)
     loss = (block(x) ** 2).mean() + (F.layer_norm(x[0, 0], None, None) ** 3).sum()  # one row
     loss = loss + (norm(images) ** 3).mean() + F.gelu(x).mean()
+    conv = tm.nn.Conv2d(4, 5, 3, padding=1)
+    strided = F.conv2d(images, conv.weight, conv.bias, stride=2, padding=1)
+    loss = loss + (conv(images) ** 2).mean() + (strided**2).mean()
     loss.backward()
     grads = {name: p.grad for name, p in block.named_parameters()}
     grads |= {f"norm.{name}": p.grad for name, p in norm.named_parameters()}
+    grads |= {f"conv.{name}": p.grad for name, p in conv.named_parameters()}
     grads["images"] = images.grad
     return loss.item(), x.grad, grads
 

@@ -460,9 +460,11 @@ def conv2d(
         raise ValueError(
             f"conv2d: kernel {kh}x{kw} is larger than the padded input {xp.shape[1:3]}"
         )
-    cols = _windows(xp, kh, kw, stride)  # (N, Ho, Wo, kh, kw, C_in)
-    n, ho, wo = cols.shape[:3]
-    cols = cols.reshape(n * ho * wo, kh * kw * c_in)  # the im2col copy
+    windows = _windows(xp, kh, kw, stride)  # (N, Ho, Wo, kh, kw, C_in), a view
+    n, ho, wo = windows.shape[:3]
+    cols = np.empty(windows.shape, xp.dtype)
+    parallel.rows(lambda r: np.copyto(cols[r], windows[r]), cols)  # the im2col copy, by images
+    cols = cols.reshape(n * ho * wo, kh * kw * c_in)
     w2 = weight.data.reshape(kh * kw * c_in, c_out)
     out = parallel.matmul(cols, w2, None if bias is None else bias.data)
     inputs = (x, weight) if bias is None else (x, weight, bias)
@@ -473,12 +475,17 @@ def conv2d(
         gx = None
         if x.requires_grad:
             gxp = np.zeros(xp.shape, dtype=xp.dtype)
-            for i in range(kh):
-                for j in range(kw):
-                    rows = slice(i, i + stride * (ho - 1) + 1, stride)
-                    cols_ = slice(j, j + stride * (wo - 1) + 1, stride)
-                    gx_ij = parallel.matmul(g2, weight.data[i, j].T)
-                    gxp[:, rows, cols_] += gx_ij.reshape(n, ho, wo, c_in)
+
+            def dx_rows(r):  # for the images r (or all: ...)
+                g_r, gxp_r = g[r].reshape(-1, c_out), gxp[r]
+                for i in range(kh):
+                    for j in range(kw):
+                        rows = slice(i, i + stride * (ho - 1) + 1, stride)
+                        cols_ = slice(j, j + stride * (wo - 1) + 1, stride)
+                        gx_ij = g_r @ weight.data[i, j].T  # (N_r Ho Wo, C_in)
+                        gxp_r[:, rows, cols_] += gx_ij.reshape(-1, ho, wo, c_in)
+
+            parallel.rows(dx_rows, gxp)
             gx = gxp[:, p : p + x.shape[1], p : p + x.shape[2]] if p else gxp
         grads = [gx, gw]
         if bias is not None:

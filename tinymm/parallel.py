@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import numpy as np
 
-MIN_SIZE = 2**20  # elements of an elementwise kernel worth splitting (see above)
+MIN_SIZE = 2**19  # elements of an elementwise kernel worth splitting (see above)
 MIN_MACS = 2**22  # multiply-adds of a matmul worth splitting (~0.1 ms of work)
 
 _threads = 1 if os.environ.get("TINYMM_THREADS") == "1" else 2

@@ -14,6 +14,7 @@ section and `python -m tinymm.bench`):
    thread, and lose 4-17x as soon as anything else wants a core (measured with
    `python -m tinymm.bench` while other jobs ran). tinymm asks OpenBLAS for one thread
    unless OPENBLAS_NUM_THREADS is set; TINYMM_BLAS_THREADS=n (or `blas_threads(n)`) chooses.
+   The second core is used by tinymm.parallel instead, whose worker sleeps between jobs.
 4. A graph is thousands of small Python objects (tensors, nodes, closures) that live for one step
    and are freed by reference counting alone: tinymm makes no reference cycles (tested). CPython's
    cycle collector does not know that. It runs after every 700 new objects, promotes the graph

@@ -1,7 +1,10 @@
 """tinymm.parallel: splitting work over two threads changes no result."""
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -107,6 +110,24 @@ def test_a_forked_child_gets_its_own_worker(split_everything):
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung waiting for a worker thread it does not have")
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_one_thread_where_the_process_has_one_core_or_asks_for_one():
+    code = "from tinymm import parallel; print(parallel.threads())"
+    env = {k: v for k, v in os.environ.items() if k != "TINYMM_THREADS"}
+
+    def threads(*prefix, **extra):
+        out = subprocess.run(
+            [*prefix, sys.executable, "-c", code],
+            capture_output=True, text=True, env={**env, **extra}, check=True,
+        )  # fmt: skip
+        return int(out.stdout)
+
+    assert threads(TINYMM_THREADS="1") == 1
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        assert threads() == 2
+        if shutil.which("taskset"):
+            assert threads("taskset", "-c", "0") == 1
 
 
 def test_threads_setting():

@@ -18,7 +18,8 @@ matmuls of MIN_MACS multiply-adds or more (one long call), and elementwise kerne
 elements or more (each of their calls long enough: attention's softmax, not a layer norm).
 The worker sleeps between jobs (no spinning, unlike BLAS threads): on a busy machine a split op
 costs about what one thread would.
-TINYMM_THREADS=1, or `set_threads(1)`, keeps everything on the calling thread.
+TINYMM_THREADS=1, or `set_threads(1)`, keeps everything on the calling thread (as on a machine
+with a single core).
 """
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ import numpy as np
 MIN_SIZE = 2**19  # elements of an elementwise kernel worth splitting (see above)
 MIN_MACS = 2**22  # multiply-adds of a matmul worth splitting (~0.1 ms of work)
 
-_threads = 1 if os.environ.get("TINYMM_THREADS") == "1" else 2
+
+def _cores() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than exist)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_threads = 1 if os.environ.get("TINYMM_THREADS") == "1" or _cores() < 2 else 2
 _pool: ThreadPoolExecutor | None = None
 _local = threading.local()
 

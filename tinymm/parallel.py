@@ -73,9 +73,12 @@ def rows(kernel: Callable[[Index], object], like: np.ndarray) -> None:
     _run(kernel, like.shape[0] if like.ndim else 1, like.size >= MIN_SIZE)
 
 
-def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """a @ b (+ bias, added to every row) on two threads: rows of a 2-D `a`, or the leading axis
-    when a and b have the same batch shape. Small products, broadcast batches: one np.matmul."""
+def matmul(
+    a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """a @ b (+ bias, added to every row), into `out` if given, on two threads: rows of a 2-D
+    `a`, or the leading axis when a and b have the same batch shape. Small products and
+    broadcast batches are one np.matmul."""
     if (
         _threads == 1
         or a.ndim < 2
@@ -83,11 +86,12 @@ def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.n
         or a.ndim != b.ndim
         or a.shape[:-2] != b.shape[:-2]
     ):
-        out = np.matmul(a, b)
+        out = np.matmul(a, b, out=out)
         if bias is not None:
             out += bias
         return out
-    out = np.empty((*a.shape[:-1], b.shape[-1]), np.result_type(a, b))
+    if out is None:
+        out = np.empty((*a.shape[:-1], b.shape[-1]), np.result_type(a, b))
     batched = a.ndim > 2  # then each half is a slice of the batch of both operands
 
     def kernel(r: Index) -> None:

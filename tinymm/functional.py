@@ -354,27 +354,15 @@ def group_norm(
 
 
 def _normalise(a: np.ndarray, axes: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """xhat = (a - mean) / sqrt(var + eps) and rstd = 1 / sqrt(var + eps), over `axes`."""
-    xhat = np.empty_like(a)
-    reduced = {axis % a.ndim for axis in (axes if isinstance(axes, tuple) else (axes,))}
-    rstd = np.empty([1 if i in reduced else n for i, n in enumerate(a.shape)], a.dtype)
+    """xhat = (a - mean) / sqrt(var + eps) and rstd = 1 / sqrt(var + eps), over `axes`.
 
-    def normalise_rows(r):
-        x, centred = a[r], xhat[r]
-        np.subtract(x, _mean(x, axes), out=centred)
-        np.divide(1, np.sqrt(_mean(centred * centred, axes) + eps), out=rstd[r])
-        centred *= rstd[r]
-
-    _norm_rows(normalise_rows, a)
-    return xhat, rstd
-
-
-def _norm_rows(kernel: Any, a: np.ndarray) -> None:
-    """parallel.rows over axis 0, unless axis 0 is the one normalised (a 1-D input)."""
-    if a.ndim > 1:
-        parallel.rows(kernel, a)
-    else:
-        kernel(...)
+    One thread: split over two (tinymm.parallel) a layer norm was no faster, its many short
+    NumPy calls each waiting for the GIL (measured up to 2M elements)."""
+    mean = _mean(a, axes)
+    centred = a - mean
+    rstd = 1 / np.sqrt(_mean(centred * centred, axes) + eps)
+    centred *= rstd
+    return centred, rstd
 
 
 def _affine(op, x, xhat, rstd, weight, bias, axes, grouped) -> Tensor:
@@ -387,16 +375,10 @@ def _affine(op, x, xhat, rstd, weight, bias, axes, grouped) -> Tensor:
     def backward(g):
         gh = g * weight.data if weight is not None else g
         gh_g, xh_g = grouped(gh), grouped(xhat)
-        gx = np.empty_like(gh_g)
-
-        def backward_rows(r):  # gx = (gh - mean(gh) - xhat mean(gh xhat)) rstd
-            gh_r, xh_r, gx_r = gh_g[r], xh_g[r], gx[r]
-            np.multiply(xh_r, _mean(gh_r * xh_r, axes), out=gx_r)
-            np.subtract(gh_r, gx_r, out=gx_r)
-            gx_r -= _mean(gh_r, axes)
-            gx_r *= rstd[r]
-
-        _norm_rows(backward_rows, gh_g)
+        gx = xh_g * _mean(gh_g * xh_g, axes)  # gx = (gh - mean(gh) - xhat mean(gh xhat)) rstd
+        np.subtract(gh_g, gx, out=gx)
+        gx -= _mean(gh_g, axes)
+        gx *= rstd
         grads = [gx.reshape(x.shape)]
         rows = g.reshape(-1, g.shape[-1])  # (N, ..., C) -> (rows, C): sums over rows are GEMVs
         if weight is not None:

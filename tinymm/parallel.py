@@ -2,7 +2,7 @@
 
 tinymm gives OpenBLAS one thread (runtime.py explains why), so by itself a step would use one core
 of a laptop. NumPy releases the GIL inside its loops and BLAS calls, so two Python threads can
-each do half of the rows at the same time. Two functions do that, for the ops that are worth it:
+each do half of the rows at the same time. Three functions do that, for the ops worth it:
 
     matmul(a, b, bias)    a @ b + bias, the rows of a (or the leading axis of both) split in two
     rows(kernel, like)    kernel(slice(h, n)) on a worker thread, kernel(slice(0, h)) on this
@@ -10,7 +10,8 @@ each do half of the rows at the same time. Two functions do that, for the ops th
     both(f, g, macs)      f() here and g() on the worker: two independent jobs at once
 
 A kernel reads and writes only its own rows of arrays made before the call, so which thread did
-which half changes nothing: every output element is computed by the same code either way.
+which half changes nothing: every output element is computed by the same code either way (up to
+float32 rounding where BLAS picks another kernel for a smaller product).
 
 Handing work to the worker costs ~30 us (waking it), and while both threads run, every NumPy
 call of a kernel hands the GIL back and forth (~10-30 us each time). So only big jobs are split:

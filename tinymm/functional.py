@@ -288,11 +288,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             gw = parallel.matmul(x2.T, g2) if weight.requires_grad else None
             return gw, None if bias is None else _sum(g2, 0)[0]
 
+        def input_grad():  # dx = g W^T
+            return (g2 @ weight.data.T).reshape(x.shape)
+
         if not x.requires_grad:  # e.g. the first layer: only dW, split by rows
             gx, (gw, gb) = None, weight_grads()
-        else:  # dx = g W^T here, dW and db on the other thread: two products of the same size
-            dx = lambda: (g2 @ weight.data.T).reshape(x.shape)  # noqa: E731
-            gx, (gw, gb) = parallel.both(dx, weight_grads, g2.size * x2.shape[1])
+        else:  # dx here, dW and db on the other thread: two products of the same size
+            gx, (gw, gb) = parallel.both(input_grad, weight_grads, g2.size * x2.shape[1])
         return (gx, gw) if bias is None else (gx, gw, gb)
 
     return record("linear", out.reshape(*lead, -1), inputs, backward, saved=(x, weight))

@@ -29,9 +29,7 @@ small parameters then costs a handful of NumPy calls per group instead of per pa
 
 from __future__ import annotations
 
-import itertools
 import math
-import operator
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -277,16 +275,17 @@ class _FlatGroup:
 
     def is_state_of(self, params: list[Tensor], states: list[dict]) -> bool:
         """Are these still the group's parameters, each state exactly what `share` left there?"""
-        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+        if len(params) != len(self.params) or len(states) != len(self.states):
             return False
-        if not all(map(operator.is_, states, self.states)):
-            return False
-        if sum(map(len, states)) != len(self.state) * len(states):
-            return False  # a name the flat state does not have
-        for name, value in self.state.items():
-            shared = self.views[name][1] if name in self.views else itertools.repeat(value)
-            if not all(map(operator.is_, map(dict.get, states, itertools.repeat(name)), shared)):
-                return False
+        for i, (p, state) in enumerate(zip(params, states, strict=True)):
+            if p is not self.params[i] or state is not self.states[i]:
+                return False  # another parameter, or its state replaced (load_state_dict)
+            if len(state) != len(self.state):
+                return False  # a name the flat state does not have (or lacks)
+            for name, value in self.state.items():
+                shared = self.views[name][1][i] if name in self.views else value
+                if state.get(name) is not shared:
+                    return False  # written by hand, or by a step one parameter at a time
         return True
 
 

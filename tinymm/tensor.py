@@ -120,10 +120,7 @@ def record(
 
     `backward(g)` returns one gradient (or None) per input, in the result's (broadcast) shape.
     """
-    out = object.__new__(Tensor)  # _new(data), inlined: this is the hottest path of all
-    out.data = data if type(data) is np.ndarray else np.asarray(data)
-    out.grad, out.requires_grad, out._node = None, False, None
-    out._version, out._inplace_op, out._retains_grad = 0, "", False
+    out = _new(data if type(data) is np.ndarray else np.asarray(data))
     if _grad_enabled:
         for t in inputs:
             if t.requires_grad:

@@ -100,7 +100,7 @@ def test_norm_and_layer_argument_errors():
         F.group_norm(leaf(1, 2, 2, 6), 4, None, None)
     with pytest.raises(ValueError, match=r"\(N, H, W, C\), got \(2, 6\)"):
         F.group_norm(leaf(2, 6), 2, None, None)
-    with pytest.raises(ValueError, match=r"'tanh' or 'none', got 'erf'"):
+    with pytest.raises(ValueError, match=r"'none' or 'tanh', got 'erf'"):
         F.gelu(leaf(2), approximate="erf")
     with pytest.raises(ValueError, match=r"\[0, 1\), got 1"):
         F.dropout(leaf(2), 1.0)

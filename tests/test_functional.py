@@ -25,67 +25,24 @@ import tinymm.functional as F
 from tinymm.gradcheck import gradcheck
 
 # ----------------------------------------------------------------------------------------------
-# Unfused references, built only from Tensor ops
+# The two readings: every composite op runs as its fused kernel (the default) and as the plain
+# composition of Tensor ops in functional.py (reference mode); both must agree.
 # ----------------------------------------------------------------------------------------------
 
 
-def unfused_logsumexp(x, axis=-1, keepdims=False):
-    m = x.max(axis=axis, keepdims=True)
-    out = m + (x - m).exp().sum(axis=axis, keepdims=True).log()
-    return out if keepdims else out.squeeze(axis)
+def reference(fn):
+    """fn run in reference mode: the plain compositions instead of the fused kernels."""
 
+    def run(*args):
+        with tm.reference_mode():
+            return fn(*args)
 
-def unfused_softmax(x, axis=-1):
-    e = (x - x.max(axis=axis, keepdims=True)).exp()
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def unfused_log_softmax(x, axis=-1):
-    return x - unfused_logsumexp(x, axis, keepdims=True)
-
-
-def unfused_cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0):
-    c = logits.shape[-1]
-    z = logits.reshape(-1, c)
-    t = np.asarray(targets).reshape(-1)
-    valid = t != ignore_index
-    log_p = unfused_log_softmax(z)
-    picked = log_p[np.arange(len(t)), np.where(valid, t, 0)]
-    per_row = -(1 - label_smoothing) * picked - (label_smoothing / c) * log_p.sum(axis=-1)
-    return (per_row * valid.astype(logits.dtype)).sum() / float(valid.sum())
-
-
-def unfused_layer_norm(x, w, b, eps=1e-5):
-    mu = x.mean(axis=-1, keepdims=True)
-    var = x.var(axis=-1, keepdims=True)
-    return (x - mu) / (var + eps).sqrt() * w + b
-
-
-def unfused_group_norm(x, groups, w, b, eps=1e-5):
-    n, h, wd, c = x.shape
-    g = x.reshape(n, h * wd, groups, c // groups)
-    mu = g.mean(axis=(1, 3), keepdims=True)
-    var = g.var(axis=(1, 3), keepdims=True)
-    return ((g - mu) / (var + eps).sqrt()).reshape(x.shape) * w + b
-
-
-def unfused_gelu_tanh(x):
-    return 0.5 * x * (1 + (math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)).tanh())
-
-
-def unfused_attention(q, k, v, mask=None):
-    scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = tm.where(mask, scores, -1e9)
-    return unfused_softmax(scores) @ v
-
-
-def unfused_linear(x, w, b):
-    return x @ w + b
+    return run
 
 
 def assert_same_function(fused, unfused, *arrays, rtol=1e-8, atol=1e-10):
-    """fused(*xs) and unfused(*xs) agree in value and in every input's gradient (float64)."""
+    """fused(*xs) and unfused(*xs) agree in value and in every input's gradient (float64).
+    Called as assert_two_readings(fn, ...): fn against reference(fn)."""
     u = np.random.default_rng(2).standard_normal(np.shape(fused(*map(tm.tensor, arrays)).data))
     results = []
     for fn in (fused, unfused):
@@ -97,6 +54,11 @@ def assert_same_function(fused, unfused, *arrays, rtol=1e-8, atol=1e-10):
     np.testing.assert_allclose(out_f, out_u, rtol=rtol, atol=atol)
     for gf, gu in zip(grads_f, grads_u, strict=True):
         np.testing.assert_allclose(gf, gu, rtol=rtol, atol=atol)
+
+
+def assert_two_readings(fn, *arrays, rtol=1e-8, atol=1e-10):
+    """The fused kernel and the reference composition of `fn` agree, values and gradients."""
+    assert_same_function(fn, reference(fn), *arrays, rtol=rtol, atol=atol)
 
 
 def axis_of(x):
@@ -144,7 +106,7 @@ def test_gelu(approximate, x):
 
     check_op(lambda t: F.gelu(t, approximate), reference, x)
     if approximate == "tanh":
-        assert_same_function(F.gelu, unfused_gelu_tanh, x)
+        assert_two_readings(lambda t: F.gelu(t, approximate), x)
 
 
 def test_gelu_tanh_is_close_to_exact():
@@ -162,7 +124,7 @@ def test_gelu_tanh_is_close_to_exact():
 def test_softmax(x, data):
     axis = data.draw(axis_of(x))
     check_op(lambda t: F.softmax(t, axis), lambda a: np_softmax(a, axis=axis), x)
-    assert_same_function(lambda t: F.softmax(t, axis), lambda t: unfused_softmax(t, axis), x)
+    assert_two_readings(lambda t: F.softmax(t, axis), x)
     y = F.softmax(tm.tensor(x), axis).data
     np.testing.assert_allclose(y.sum(axis=axis), 1.0)  # rows sum to 1
     assert (y > 0).all()
@@ -175,9 +137,7 @@ def test_log_softmax(x, data):
     axis = data.draw(axis_of(x))
     ref = np_softmax(x, axis=axis)
     check_op(lambda t: F.log_softmax(t, axis), lambda a: np.log(ref), x)
-    assert_same_function(
-        lambda t: F.log_softmax(t, axis), lambda t: unfused_log_softmax(t, axis), x
-    )
+    assert_two_readings(lambda t: F.log_softmax(t, axis), x)
     assert_same_function(
         lambda t: F.log_softmax(t, axis), lambda t: F.softmax(t, axis).log(), x
     )  # log_softmax == log(softmax), gradients too
@@ -191,11 +151,7 @@ def test_logsumexp(x, data, keepdims):
         lambda a: np_logsumexp(a, axis=axis, keepdims=keepdims),
         x,
     )
-    assert_same_function(
-        lambda t: F.logsumexp(t, axis, keepdims),
-        lambda t: unfused_logsumexp(t, axis, keepdims),
-        x,
-    )
+    assert_two_readings(lambda t: F.logsumexp(t, axis, keepdims), x)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -258,11 +214,7 @@ def test_cross_entropy(zt, eps):
         lambda a: numpy_cross_entropy(a, t, -100, eps),
         z,
     )
-    assert_same_function(
-        lambda x: F.cross_entropy(x, t, label_smoothing=eps),
-        lambda x: unfused_cross_entropy(x, t, label_smoothing=eps),
-        z,
-    )
+    assert_two_readings(lambda x: F.cross_entropy(x, t, label_smoothing=eps), z)
 
 
 def test_cross_entropy_custom_ignore_index_and_ignored_rows_get_no_gradient():
@@ -302,7 +254,7 @@ def test_linear(lead, d_in, d_out, data):
     b = data.draw(arrays((d_out,)))
     check_op(F.linear, lambda x, w, b: x @ w + b, x, w, b)
     check_op(F.linear, lambda x, w: x @ w, x, w)
-    assert_same_function(F.linear, unfused_linear, x, w, b)
+    assert_two_readings(F.linear, x, w, b)
 
 
 @given(
@@ -334,7 +286,7 @@ def test_layer_norm(lead, d, data):
         return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * w + b
 
     check_op(F.layer_norm, reference, x, w, b, rtol=1e-6)
-    assert_same_function(F.layer_norm, unfused_layer_norm, x, w, b, rtol=1e-7, atol=1e-9)
+    assert_two_readings(F.layer_norm, x, w, b, rtol=1e-7, atol=1e-9)
     y = F.layer_norm(tm.tensor(x), None, None).data  # weight 1, bias 0: mean 0, variance 1
     np.testing.assert_allclose(y.mean(-1), 0, atol=1e-10)
     np.testing.assert_allclose(y.var(-1), x.var(-1) / (x.var(-1) + 1e-5), rtol=1e-10)
@@ -366,9 +318,7 @@ def test_group_norm_channels_last(n, hw, groups_and_c, data):
         return F.group_norm(x, groups, w, b)
 
     check_op(fused, reference, x, w, b, rtol=1e-6)
-    assert_same_function(
-        fused, lambda x, w, b: unfused_group_norm(x, groups, w, b), x, w, b, rtol=1e-7, atol=1e-9
-    )
+    assert_two_readings(fused, x, w, b, rtol=1e-7, atol=1e-9)
     y = F.group_norm(tm.tensor(x), groups, None, None).data.reshape(grouped.shape)
     np.testing.assert_allclose(y.mean(axis=(1, 3)), 0, atol=1e-10)
 
@@ -473,6 +423,7 @@ def test_conv2d_against_naive_loops(case):
         x,
         w,
     )
+    assert_two_readings(lambda x, w: F.conv2d(x, w, stride=stride, padding=padding), x, w)
 
 
 @given(x=arrays((2, 3, 4, 3)), w=arrays((3, 5)), b=arrays((5,)))
@@ -613,13 +564,7 @@ def test_attention_batch_broadcast_and_mask(case, use_mask):
         k,
         v,
     )
-    assert_same_function(
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=m),
-        lambda q, k, v: unfused_attention(q, k, v, m),
-        q,
-        k,
-        v,
-    )
+    assert_two_readings(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=m), q, k, v)
 
 
 @given(qkv=arrays((3, 2, 4, 3)))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from scipy.special import erf
 
 import tinymm as tm
 from tinymm import nn
@@ -39,8 +40,9 @@ def np_layer_norm(x: np.ndarray, ln: nn.LayerNorm) -> np.ndarray:
     return (x - mean) / np.sqrt(var + ln.eps) * ln.weight.data + ln.bias.data
 
 
-def np_gelu_tanh(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+def np_gelu(x: np.ndarray) -> np.ndarray:
+    """The exact GELU, x Phi(x): nn.MLP's default, as PyTorch's."""
+    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
 
 
 def np_attention(mha, x, context=None, mask=None, causal=False):
@@ -69,10 +71,10 @@ def np_attention(mha, x, context=None, mask=None, causal=False):
 
 
 def np_block(block, x, mask=None, causal=False):
-    """Pre-norm: x = x + attn(ln1(x)); x = x + fc2(gelu_tanh(fc1(ln2(x))))."""
+    """Pre-norm: x = x + attn(ln1(x)); x = x + fc2(gelu(fc1(ln2(x))))."""
     x = np.asarray(x, dtype=np.float64)
     x = x + np_attention(block.attn, np_layer_norm(x, block.ln1), mask=mask, causal=causal)[0]
-    hidden = np_gelu_tanh(np_linear(np_layer_norm(x, block.ln2), block.mlp.fc1))
+    hidden = np_gelu(np_linear(np_layer_norm(x, block.ln2), block.mlp.fc1))
     return x + np_linear(hidden, block.mlp.fc2)
 
 
@@ -576,8 +578,15 @@ def test_mlp_is_fc2_activation_fc1():
     x = np.random.default_rng(0).standard_normal((2, 3, 6)).astype(np.float32)
     mlp = nn.MLP(6, 16)
     assert mlp.fc1.weight.shape == (6, 16) and mlp.fc2.weight.shape == (16, 6)
-    expected = np_linear(np_gelu_tanh(np_linear(x, mlp.fc1)), mlp.fc2)
+    expected = np_linear(np_gelu(np_linear(x, mlp.fc1)), mlp.fc2)
     np.testing.assert_allclose(mlp(tm.Tensor(x)).data, expected, rtol=1e-4, atol=1e-5)
+    approx = nn.MLP(6, 16, activation="gelu_tanh")  # GPT-2's tanh approximation, on request
+    hidden = np_linear(x, approx.fc1)
+    tanh_gelu = (
+        0.5 * hidden * (1 + np.tanh(math.sqrt(2 / math.pi) * (hidden + 0.044715 * hidden**3)))
+    )
+    expected = np_linear(tanh_gelu, approx.fc2)
+    np.testing.assert_allclose(approx(tm.Tensor(x)).data, expected, rtol=1e-4, atol=1e-5)
     relu = nn.MLP(6, 16, out=2, activation="relu")
     expected = np_linear(np.maximum(np_linear(x, relu.fc1), 0), relu.fc2)
     out = relu(tm.Tensor(x))

@@ -12,6 +12,7 @@ runtime.apply()  # before NumPy loads OpenBLAS: see tinymm/runtime.py
 from . import audio, data, functional, models, nn, optim
 from .gradcheck import gradcheck
 from .io import load, save
+from .modes import is_reference_mode, reference_mode
 from .tensor import (
     DEFAULT_DTYPE,
     Tensor,
@@ -47,6 +48,7 @@ __all__ = [
     "functional",
     "gradcheck",
     "is_grad_enabled",
+    "is_reference_mode",
     "load",
     "manual_seed",
     "matmul",
@@ -60,6 +62,7 @@ __all__ = [
     "optim",
     "pad",
     "randn",
+    "reference_mode",
     "save",
     "split",
     "stack",

@@ -1,10 +1,16 @@
-"""Differentiable functions built on Tensor: activations, softmax, losses, norms, conv, attention.
+"""Differentiable functions, each written as the lecture writes it.
 
-`import tinymm.functional as F`. Each function is one block: its forward in NumPy and, next to it,
-its backward as a function of the output gradient `g`. The composite ones (softmax, log_softmax,
-cross_entropy, layer_norm, gelu, attention) have a *fused* backward: one node whose gradient is
-worked out on paper, instead of a chain of small nodes. That is both faster and, written down,
-clearer; tests check each against the unfused composition of Tensor ops.
+`import tinymm.functional as F`. Every composite op here (softmax, log_softmax, logsumexp,
+cross_entropy, layer_norm, group_norm, gelu, silu, linear, conv2d, attention) reads as its
+formula: a short composition of Tensor ops that the engine differentiates node by node. That is
+the *reference* reading. The first line of each dispatches to the op's *fused kernel* in
+`tinymm/kernels.py` (one graph node, its backward derived by hand, faster), which is the default;
+`tinymm.reference_mode()` or `TINYMM_REFERENCE=1` runs the compositions below instead. The tests
+check that both readings agree, values and gradients. Arguments are checked before the dispatch,
+so both readings refuse the same mistakes with the same message.
+
+The other functions (relu, sigmoid, embedding, dropout, pooling, patchify, ...) are single ops:
+one forward in NumPy and its backward beside it, as in tensor.py.
 
 Shapes follow the lecture: images (N, H, W, C), conv weights (kh, kw, C_in, C_out), sequences
 (N, L, D), attention masks broadcast to (N, heads, L_q, L_k) with True = may attend.
@@ -12,16 +18,14 @@ Shapes follow the lecture: images (N, H, W, C), conv weights (kh, kw, C_in, C_ou
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
-from scipy.special import erf
 
-from . import parallel
-from .tensor import Tensor, default_rng, record
+from . import kernels
+from .modes import is_reference_mode
+from .tensor import Tensor, default_rng, pad, record, where
 
 __all__ = [
     "avg_pool2d",
@@ -52,29 +56,9 @@ def _t(x: Any) -> Tensor:
     return x if isinstance(x, Tensor) else Tensor(x)
 
 
-def _sum(a: np.ndarray, axis: Any) -> np.ndarray:
-    """a.sum(axis, keepdims=True), as a product with a ones vector when summing the last axis
-    (or the rows of a matrix): for short rows BLAS is ~5x faster than np.sum (tinymm.bench)."""
-    if axis == -1 or axis == a.ndim - 1:
-        return (a @ _ones(a.shape[-1], a.dtype))[..., None]  # (..., n) -> (..., 1)
-    if axis == 0 and a.ndim == 2:
-        return (_ones(a.shape[0], a.dtype) @ a)[None]  # (m, n) -> (1, n)
-    return a.sum(axis=axis, keepdims=True)
-
-
-@functools.lru_cache(maxsize=256)
-def _ones(n: int, dtype: np.dtype) -> np.ndarray:
-    """A read-only ones vector, made once per length and dtype."""
-    ones = np.ones(n, dtype)
-    ones.flags.writeable = False
-    return ones
-
-
-def _mean(a: np.ndarray, axes: Any) -> np.ndarray:
-    """a.mean(axes, keepdims=True), through `_sum` where it is faster."""
-    if axes in (-1, (-1,)):
-        return _sum(a, -1) / a.shape[-1]
-    return a.mean(axis=axes, keepdims=True)
+def _fused() -> bool:
+    """Run the fused kernel (the default), or the composition below it (reference mode)?"""
+    return not is_reference_mode()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,117 +81,66 @@ def sigmoid(x: Tensor) -> Tensor:
 
 
 def silu(x: Tensor) -> Tensor:
-    """x * sigmoid(x) (a.k.a. swish); d/dx = s + x s (1 - s)."""
+    """SiLU (swish): x * sigmoid(x)."""
     x = _t(x)
-    s = np.exp(-np.logaddexp(0, -x.data)).astype(x.dtype)
-    return record("silu", x.data * s, (x,), lambda g: (g * s * (1 + x.data * (1 - s)),), saved=(x,))
+    if _fused():
+        return kernels.silu(x)
+    return x * sigmoid(x)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 
-def gelu(x: Tensor, approximate: str = "tanh") -> Tensor:
-    """Gaussian error linear unit, x * Phi(x).
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """Gaussian error linear unit, x Phi(x), Phi the standard normal CDF (PyTorch's default).
 
-    "none":  Phi(x) = (1 + erf(x / sqrt 2)) / 2,        d/dx = Phi(x) + x phi(x)
-    "tanh":  Phi(x) ~ (1 + tanh(u)) / 2, u = sqrt(2/pi) (x + 0.044715 x^3)
-             d/dx = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(u)
+    approximate="none":  Phi(x) = (1 + erf(x / sqrt 2)) / 2                       (exact)
+    approximate="tanh":  Phi(x) ~ (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2  (GPT-2, BERT)
     """
     x = _t(x)
-    a = x.data
-    if approximate == "tanh":
-        c = _SQRT_2_OVER_PI
-        t, out = np.empty_like(a), np.empty_like(a)
-
-        def forward_rows(r):  # in place, a row block at a time (parallel.rows)
-            x, tanh_u, y = a[r], t[r], out[r]
-            np.multiply(x, x, out=tanh_u)
-            tanh_u *= 0.044715 * c
-            tanh_u += c
-            tanh_u *= x  # u = c (x + 0.044715 x^3)
-            np.tanh(tanh_u, out=tanh_u)
-            np.add(tanh_u, 1, out=y)
-            y *= x
-            y *= 0.5
-
-        parallel.rows(forward_rows, a)
-
-        def backward(g):
-            d = np.empty_like(a)
-
-            def backward_rows(r):
-                x, tanh_u, dx = a[r], t[r], d[r]
-                np.multiply(x, x, out=dx)
-                dx *= 3 * 0.044715 * c
-                dx += c
-                dx *= x  # x du/dx
-                dx *= 1 - tanh_u * tanh_u
-                dx += tanh_u
-                dx += 1
-                dx *= 0.5
-                dx *= g[r]
-
-            parallel.rows(backward_rows, a)
-            return (d,)
-
-    elif approximate == "none":
-        cdf = (0.5 * (1 + erf(a / math.sqrt(2)))).astype(a.dtype)
-        out = a * cdf
-
-        def backward(g):
-            pdf = np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-            return (g * (cdf + a * pdf),)
-
-    else:
-        raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
-    return record("gelu", out, (x,), backward, saved=(x,))
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    if _fused():
+        return kernels.gelu_erf(x) if approximate == "none" else kernels.gelu_tanh(x)
+    if approximate == "none":
+        return x * 0.5 * (1 + (x * (1 / math.sqrt(2))).erf())
+    return 0.5 * x * (1 + (_SQRT_2_OVER_PI * (x + 0.044715 * x**3)).tanh())
 
 
 # ----------------------------------------------------------------------------------------------
-# Softmax family (stable: subtract the max before exp)
+# Softmax family. exp(x - m) with m = max(x): the same ratios as exp(x), and no overflow. m is a
+# constant shift (the output does not depend on it), so it is detached from the graph.
 # ----------------------------------------------------------------------------------------------
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """y_i = e^{x_i} / sum_j e^{x_j};  dx = y * (g - sum(g * y))."""
+    """softmax(x)_i = e^{x_i} / sum_j e^{x_j}, over `axis`."""
     x = _t(x)
-    e = np.exp(x.data - x.data.max(axis=axis, keepdims=True))
-    y = e / _sum(e, axis)
-    return record("softmax", y, (x,), lambda g: (y * (g - _sum(g * y, axis)),))
+    if _fused():
+        return kernels.softmax(x, axis)
+    exp_shifted = (x - x.max(axis=axis, keepdims=True).detach()).exp()
+    return exp_shifted / exp_shifted.sum(axis=axis, keepdims=True)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """y_i = x_i - logsumexp(x);  dx = g - softmax(x) * sum(g)."""
+    """log softmax(x)_i = x_i - log sum_j e^{x_j}, over `axis`."""
     x = _t(x)
-    y = _log_softmax(x.data, axis)
-    return record("log_softmax", y, (x,), lambda g: (g - np.exp(y) * _sum(g, axis),))
+    if _fused():
+        return kernels.log_softmax(x, axis)
+    shifted = x - x.max(axis=axis, keepdims=True).detach()
+    return shifted - shifted.exp().sum(axis=axis, keepdims=True).log()
 
 
 def logsumexp(x: Tensor, axis: int | None = -1, keepdims: bool = False) -> Tensor:
-    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m};  dx = g * softmax(x). axis=None: all."""
+    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m}, m = max(x). axis=None: over all."""
     x = _t(x)
     if axis is None:
         return logsumexp(x.reshape(-1), 0).reshape((1,) * x.ndim if keepdims else ())
-    lse = _logsumexp(x.data, axis)
-    out = lse if keepdims else np.squeeze(lse, axis=axis)
-
-    def backward(g):
-        g = g if keepdims else np.expand_dims(g, axis)
-        return (g * np.exp(_log_softmax(x.data, axis)),)  # not exp(x - lse): lse is rounded
-
-    return record("logsumexp", out, (x,), backward, saved=(x,))
-
-
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-    m = a.max(axis=axis, keepdims=True)
-    return m + np.log(_sum(np.exp(a - m), axis))
-
-
-def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
-    """(x - m) - log sum e^{x - m}: x - m is exact, so this keeps its precision for |x| ~ 1e4,
-    where x - logsumexp(x) would lose it (logsumexp is rounded at the scale of x)."""
-    shifted = a - a.max(axis=axis, keepdims=True)
-    return shifted - np.log(_sum(np.exp(shifted), axis))
+    if _fused():
+        return kernels.logsumexp(x, axis, keepdims)
+    m = x.max(axis=axis, keepdims=True).detach()
+    out = m + (x - m).exp().sum(axis=axis, keepdims=True).log()
+    return out if keepdims else out.squeeze(axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,10 +151,11 @@ def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
 def cross_entropy(
     logits: Tensor, targets: Any, ignore_index: int = -100, label_smoothing: float = 0.0
 ) -> Tensor:
-    """Mean over non-ignored targets of -sum_c q_c log softmax(logits)_c.
+    """Mean over the kept targets of -sum_c q_c log softmax(logits)_c (the lecture's
+    L = -sum_i y_i log y~_i), with q the one-hot target, smoothed as (1 - eps) onehot + eps / C.
 
-    q is the one-hot target, smoothed as q = (1 - eps) onehot + eps / C. Fused backward:
-    d loss / d logits = (softmax(logits) - q) / (number of non-ignored targets).
+    Targets equal to ignore_index are left out of the mean (e.g. the prompt tokens of a chat,
+    padding). With none kept the loss is 0 and so is its gradient, not 0/0.
     logits (N, C) or (N, L, C); targets (N,) or (N, L) integers.
     """
     logits = _t(logits)
@@ -234,32 +168,30 @@ def cross_entropy(
     if not np.issubdtype(t.dtype, np.integer):
         raise TypeError(f"cross_entropy: targets must be integer class indices, got {t.dtype}")
     n_classes = logits.shape[-1]
-    z = logits.data.reshape(-1, n_classes)
-    t = t.reshape(-1)
-    valid = t != ignore_index
-    if np.any((t[valid] < 0) | (t[valid] >= n_classes)):
+    kept = t != ignore_index
+    if np.any((t[kept] < 0) | (t[kept] >= n_classes)):
         raise IndexError(f"cross_entropy: targets must lie in [0, {n_classes}) or be ignore_index")
-    count = valid.sum()
-    log_p = _log_softmax(z, -1)
-    safe_t = np.where(valid, t, 0)
-    rows = np.arange(len(t))
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if _fused():
+        return kernels.cross_entropy(logits, t, ignore_index, label_smoothing)
     eps = label_smoothing
-    per_row = -(1 - eps) * log_p[rows, safe_t] - (eps / n_classes) * log_p.sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        loss = np.asarray((per_row * valid).sum() / count, dtype=logits.dtype)
-
-    def backward(g):
-        grad = np.exp(log_p) - eps / n_classes
-        grad[rows, safe_t] -= 1 - eps
-        grad *= (valid * (g / count))[:, None]
-        return (grad.reshape(logits.shape).astype(logits.dtype, copy=False),)
-
-    return record("cross_entropy", loss, (logits,), backward)
+    log_p = log_softmax(logits.reshape(-1, n_classes), axis=-1)  # (rows, C)
+    t, kept = t.reshape(-1), kept.reshape(-1)
+    log_p_target = log_p[np.arange(len(t)), np.where(kept, t, 0)]  # log p of the true class
+    per_row = -(1 - eps) * log_p_target - (eps / n_classes) * log_p.sum(axis=-1)
+    return (per_row * kept.astype(logits.dtype)).sum() / max(int(kept.sum()), 1)
 
 
 def mse_loss(a: Tensor, b: Any) -> Tensor:
-    """mean((a - b)^2)."""
-    d = _t(a) - b
+    """mean((a - b)^2) over all elements; a and b must have the same shape (a broadcast would
+    silently average a matrix of every pair)."""
+    a, b = _t(a), _t(b)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"mse_loss: input and target must have the same shape, got {a.shape} and {b.shape}"
+        )
+    d = a - b
     return (d * d).mean()
 
 
@@ -269,35 +201,19 @@ def mse_loss(a: Tensor, b: Any) -> Tensor:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """z = x W + b, weight (in, out) as the lecture's z = x E; leading axes folded into one GEMM."""
+    """z = x W + b, weight (in, out) as the lecture's z = x E."""
     x, weight = _t(x), _t(weight)
-    if x.shape[-1] != weight.shape[0]:
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(
-            f"linear: x has {x.shape[-1]} features (shape {x.shape}) but weight expects "
-            f"{weight.shape[0]} (shape {weight.shape})"
+            f"linear: x has {x.shape[-1] if x.ndim else 'no'} features (shape {x.shape}) but "
+            f"weight expects {weight.shape[0] if weight.ndim else '?'} (shape {weight.shape}); "
+            "weight must be (in_features, out_features)"
         )
-    lead = x.shape[:-1]
-    x2 = x.data.reshape(-1, x.shape[-1])  # (N, ..., in) -> (N*..., in)
-    out = parallel.matmul(x2, weight.data, None if bias is None else bias.data)
-    inputs = (x, weight) if bias is None else (x, weight, bias)
-
-    def backward(g):
-        g2 = g.reshape(-1, g.shape[-1])
-
-        def weight_grads():  # dW = x^T g, db = sum of g's rows
-            gw = parallel.matmul(x2.T, g2) if weight.requires_grad else None
-            return gw, None if bias is None else _sum(g2, 0)[0]
-
-        def input_grad():  # dx = g W^T
-            return (g2 @ weight.data.T).reshape(x.shape)
-
-        if not x.requires_grad:  # e.g. the first layer: only dW, split by rows
-            gx, (gw, gb) = None, weight_grads()
-        else:  # dx here, dW and db on the other thread: two products of the same size
-            gx, (gw, gb) = parallel.both(input_grad, weight_grads, g2.size * x2.shape[1])
-        return (gx, gw) if bias is None else (gx, gw, gb)
-
-    return record("linear", out.reshape(*lead, -1), inputs, backward, saved=(x, weight))
+    if bias is not None and tuple(bias.shape) != (weight.shape[1],):
+        raise ValueError(f"linear: bias must have shape ({weight.shape[1]},), got {bias.shape}")
+    if _fused():
+        return kernels.linear(x, weight, bias)
+    return x @ weight if bias is None else x @ weight + bias
 
 
 def embedding(indices: Any, weight: Tensor) -> Tensor:
@@ -320,76 +236,52 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
-    """Normalise the last axis: xhat = (x - mean) / sqrt(var + eps); y = xhat * w + b.
-
-    Fused backward, with gh = g * w and means over the last axis:
-    dx = (gh - mean(gh) - xhat * mean(gh * xhat)) / sqrt(var + eps).
-    """
+    """Normalise the last axis: xhat = (x - mean) / sqrt(var + eps); y = xhat * w + b."""
     x = _t(x)
-    xhat, rstd = _normalise(x.data, -1, eps)
-    return _affine("layer_norm", x, xhat, rstd, weight, bias, (-1,), lambda a: a)
+    _check_affine("layer_norm", x.shape[-1:] if x.ndim else (), weight, bias)
+    if _fused():
+        return kernels.layer_norm(x, weight, bias, eps)
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = (centred * centred).mean(axis=-1, keepdims=True)
+    xhat = centred / (var + eps).sqrt()
+    return _scale_shift(xhat, weight, bias)
 
 
 def group_norm(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
 ) -> Tensor:
     """GroupNorm for channels-last x (N, H, W, C): normalise each group of C/G channels over
-    (H, W, C/G), then a per-channel affine. Fused backward as layer_norm's, per group."""
+    (H, W, C/G), as layer_norm does a row, then a per-channel affine y = xhat * w + b."""
     x = _t(x)
     if x.ndim != 4:
         raise ValueError(f"group_norm expects x of shape (N, H, W, C), got {x.shape}")
     n, h, w, c = x.shape
-    if c % num_groups:
-        raise ValueError(f"group_norm: {c} channels do not split into {num_groups} groups")
-    grouped = (n, h * w, num_groups, c // num_groups)  # (N, H, W, C) -> (N, HW, G, C/G)
-    xhat, rstd = _normalise(x.data.reshape(grouped), (1, 3), eps)
-    return _affine(
-        "group_norm",
-        x,
-        xhat.reshape(x.shape),
-        rstd,
-        weight,
-        bias,
-        (1, 3),
-        lambda a: a.reshape(grouped),
-    )
+    if not isinstance(num_groups, int | np.integer) or num_groups < 1 or c % num_groups:
+        raise ValueError(
+            f"group_norm: {c} channels do not split into {num_groups!r} groups (num_groups must "
+            "be a positive divisor of the channel count C)"
+        )
+    _check_affine("group_norm", (c,), weight, bias)
+    if _fused():
+        return kernels.group_norm(x, num_groups, weight, bias, eps)
+    groups = x.reshape(n, h * w, num_groups, c // num_groups)  # (N, H, W, C) -> (N, HW, G, C/G)
+    mean = groups.mean(axis=(1, 3), keepdims=True)
+    centred = groups - mean
+    var = (centred * centred).mean(axis=(1, 3), keepdims=True)
+    xhat = (centred / (var + eps).sqrt()).reshape(n, h, w, c)
+    return _scale_shift(xhat, weight, bias)
 
 
-def _normalise(a: np.ndarray, axes: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """xhat = (a - mean) / sqrt(var + eps) and rstd = 1 / sqrt(var + eps), over `axes`.
-
-    One thread: split over two (tinymm.parallel) a layer norm was no faster, its many short
-    NumPy calls each waiting for the GIL (measured up to 2M elements)."""
-    mean = _mean(a, axes)
-    centred = a - mean
-    rstd = 1 / np.sqrt(_mean(centred * centred, axes) + eps)
-    centred *= rstd
-    return centred, rstd
+def _scale_shift(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    y = xhat * weight if weight is not None else xhat
+    return y + bias if bias is not None else y
 
 
-def _affine(op, x, xhat, rstd, weight, bias, axes, grouped) -> Tensor:
-    """y = xhat * w + b, with the shared normalisation backward over `axes` of grouped(.)"""
-    out = xhat * weight.data if weight is not None else xhat.copy()
-    if bias is not None:
-        out += bias.data
-    inputs = tuple(t for t in (x, weight, bias) if t is not None)
-
-    def backward(g):
-        gh = g * weight.data if weight is not None else g
-        gh_g, xh_g = grouped(gh), grouped(xhat)
-        gx = xh_g * _mean(gh_g * xh_g, axes)  # gx = (gh - mean(gh) - xhat mean(gh xhat)) rstd
-        np.subtract(gh_g, gx, out=gx)
-        gx -= _mean(gh_g, axes)
-        gx *= rstd
-        grads = [gx.reshape(x.shape)]
-        rows = g.reshape(-1, g.shape[-1])  # (N, ..., C) -> (rows, C): sums over rows are GEMVs
-        if weight is not None:
-            grads.append(_sum(rows * xhat.reshape(rows.shape), 0)[0])
-        if bias is not None:
-            grads.append(_sum(rows, 0)[0])
-        return grads
-
-    return record(op, out.astype(x.dtype, copy=False), inputs, backward, saved=inputs[1:])
+def _check_affine(op: str, shape: tuple, weight: Any, bias: Any) -> None:
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(p.shape)}")
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -408,27 +300,16 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _windows(a: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
-    """A strided view (N, Ho, Wo, kh, kw, C) of every kh x kw window of a (N, H, W, C): no copy."""
-    n, h, w, c = a.shape
-    ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
-    sn, sh, sw, sc = a.strides
-    return as_strided(
-        a, (n, ho, wo, kh, kw, c), (sn, sh * stride, sw * stride, sh, sw, sc), writeable=False
-    )
-
-
 def conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0
 ) -> Tensor:
     """2-D convolution (cross-correlation, as every DL library), channels-last.
 
+        out[n, y, x, :] = sum_{i, j} x_pad[n, y s + i, x s + j, :] @ W[i, j] + b
+
     x (N, H, W, C_in), weight (kh, kw, C_in, C_out) -> (N, Ho, Wo, C_out),
-    Ho = (H + 2 padding - kh) // stride + 1.
-    Forward is im2col: every window becomes a row of kh*kw*C_in values (one strided view, one
-    copy) and the convolution is one matmul with the weight reshaped to (kh*kw*C_in, C_out).
-    Backward: dW = cols^T @ g; dx = for each kernel offset (i, j), g @ W[i, j]^T added into the
-    shifted window positions: kh*kw matmuls, no scatter.
+    Ho = (H + 2 padding - kh) // stride + 1. As written: one shifted, strided slice of the
+    padded input per kernel offset (i, j), times that offset's (C_in, C_out) matrix, summed.
     """
     x, weight = _t(x), _t(weight)
     if x.ndim != 4:
@@ -437,46 +318,30 @@ def conv2d(
         raise ValueError(
             f"conv2d: weight must be (kh, kw, C_in={x.shape[3]}, C_out), got {weight.shape}"
         )
+    for name, value, low in (("stride", stride, 1), ("padding", padding, 0)):
+        if not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"conv2d: {name} must be an integer >= {low}, got {value!r}")
     kh, kw, c_in, c_out = weight.shape
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"conv2d: bias must have shape ({c_out},), got {tuple(bias.shape)}")
     p = padding
-    xp = np.pad(x.data, ((0, 0), (p, p), (p, p), (0, 0))) if p else x.data
-    if xp.shape[1] < kh or xp.shape[2] < kw:
+    height, width = x.shape[1] + 2 * p, x.shape[2] + 2 * p
+    if height < kh or width < kw:
         raise ValueError(
-            f"conv2d: kernel {kh}x{kw} is larger than the padded input {xp.shape[1:3]}"
+            f"conv2d: kernel {kh}x{kw} is larger than the padded input {(height, width)}"
         )
-    windows = _windows(xp, kh, kw, stride)  # (N, Ho, Wo, kh, kw, C_in), a view
-    n, ho, wo = windows.shape[:3]
-    cols = np.empty(windows.shape, xp.dtype)
-    parallel.rows(lambda r: np.copyto(cols[r], windows[r]), cols)  # the im2col copy, by images
-    cols = cols.reshape(n * ho * wo, kh * kw * c_in)
-    w2 = weight.data.reshape(kh * kw * c_in, c_out)
-    out = parallel.matmul(cols, w2, None if bias is None else bias.data)
-    inputs = (x, weight) if bias is None else (x, weight, bias)
-
-    def backward(g):
-        g2 = g.reshape(-1, c_out)
-        gw = parallel.matmul(cols.T, g2).reshape(weight.shape) if weight.requires_grad else None
-        gx = None
-        if x.requires_grad:
-            gxp = np.zeros(xp.shape, dtype=xp.dtype)
-
-            def dx_rows(r):  # for the images r (or all: ...)
-                g_r, gxp_r = g[r].reshape(-1, c_out), gxp[r]
-                for i in range(kh):
-                    for j in range(kw):
-                        rows = slice(i, i + stride * (ho - 1) + 1, stride)
-                        cols_ = slice(j, j + stride * (wo - 1) + 1, stride)
-                        gx_ij = g_r @ weight.data[i, j].T  # (N_r Ho Wo, C_in)
-                        gxp_r[:, rows, cols_] += gx_ij.reshape(-1, ho, wo, c_in)
-
-            parallel.rows(dx_rows, gxp)
-            gx = gxp[:, p : p + x.shape[1], p : p + x.shape[2]] if p else gxp
-        grads = [gx, gw]
-        if bias is not None:
-            grads.append(_sum(g2, 0)[0])
-        return grads
-
-    return record("conv2d", out.reshape(n, ho, wo, c_out), inputs, backward, saved=(x, weight))
+    if _fused():
+        return kernels.conv2d(x, weight, bias, stride, padding)
+    x_padded = pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+    ho, wo = (height - kh) // stride + 1, (width - kw) // stride + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i, i + stride * (ho - 1) + 1, stride)
+            columns = slice(j, j + stride * (wo - 1) + 1, stride)
+            term = x_padded[:, rows, columns] @ weight[i, j]  # (N, Ho, Wo, C_in) @ (C_in, C_out)
+            out = term if out is None else out + term
+    return out if bias is None else out + bias
 
 
 def avg_pool2d(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor:
@@ -485,7 +350,7 @@ def avg_pool2d(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor
     k, s = kernel_size, stride or kernel_size
     if x.ndim != 4:
         raise ValueError(f"avg_pool2d expects x of shape (N, H, W, C), got {x.shape}")
-    win = _windows(x.data, k, k, s)
+    win = kernels.windows(x.data, k, k, s)
     n, ho, wo = win.shape[:3]
     out = win.mean(axis=(3, 4))
 
@@ -559,78 +424,52 @@ def scaled_dot_product_attention(
     causal: bool = False,
     return_weights: bool = False,
 ) -> Any:
-    """attn(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, one fused node.
+    """attn(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
 
     q (..., L_q, d), k (..., L_k, d), v (..., L_k, d_v) -> (..., L_q, d_v). `mask` is boolean,
     broadcastable to (..., L_q, L_k), True = may attend; `causal` lets query i see keys <= i
     when L_q = L_k. When L_q < L_k the queries are the *last* L_q positions (as when decoding
-    after a prompt), so query i sees keys <= i + L_k - L_q.
-    A query that may attend to nothing gets uniform weights rather than NaN.
-    With P = softmax(S), S = Q K^T / sqrt(d):
-        dV = P^T g,  dP = g V^T,  dS = P * (dP - sum_k(dP * P)),  dQ = dS K / sqrt(d),
-        dK = dS^T Q / sqrt(d).
-    With return_weights=True also returns P as a tensor without gradient, for figures.
+    after a prompt), so query i sees keys <= i + L_k - L_q. A blocked key's score becomes the
+    lowest float (as -inf, without inf - inf = NaN): a query that may attend to nothing gets
+    uniform weights rather than NaN (PyTorch gives NaN there).
+    With return_weights=True also returns P = softmax(...) (..., L_q, L_k) without gradient,
+    for figures.
     """
     q, k, v = _t(q), _t(k), _t(v)
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
+        raise ValueError(
+            f"attention: q, k and v need at least 2 axes (..., L, d), got {q.shape}, {k.shape}, "
+            f"{v.shape}"
+        )
     d = q.shape[-1]
     if k.shape[-1] != d or k.shape[-2] != v.shape[-2]:
         raise ValueError(
             f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit: need q (..., L_q, d), "
             "k (..., L_k, d), v (..., L_k, d_v)"
         )
-    scale = 1.0 / math.sqrt(d)
-    qd, kd, vd = q.data, k.data, v.data
-    lq, lk = qd.shape[-2], kd.shape[-2]
-    batch = np.broadcast_shapes(qd.shape[:-2], kd.shape[:-2], vd.shape[:-2])
-    dtype = np.result_type(qd, kd, vd)
-    # P is stored transposed and keys first, (L_k, ..., L_q), as a matrix p_t (L_k, batch x L_q):
-    # each step of the softmax over the keys is then an operation between whole rows of p_t,
-    # which NumPy does 3-7x faster than one short row of L_k numbers per query. The matmuls
-    # reach it through the view s_t (..., L_k, L_q), one S^T (then P^T) per sequence.
-    p_t = np.empty((lk, *batch, lq), dtype)
-    s_t = np.moveaxis(p_t, 0, -2)
-    parallel.matmul(kd, np.swapaxes(qd * scale, -1, -2), out=s_t)  # S^T = K Q^T / sqrt(d)
-    p_t = p_t.reshape(lk, -1)
-    allowed = _attention_mask(mask, causal, lq, lk)
-    if allowed is not None:  # blocked entries: (..., L_q, L_k) -> (L_k, ..., L_q), as p_t
-        blocked = np.moveaxis(np.broadcast_to(~allowed, (*batch, lq, lk)), -1, 0)
-        np.copyto(p_t, np.finfo(dtype).min, where=blocked.reshape(p_t.shape))
-
-    def softmax_over_keys(r):  # P^T = softmax of S^T over its rows (the keys); r: some queries
-        pt = p_t[:, r]
-        pt -= pt.max(axis=0)
-        np.exp(pt, out=pt)
-        pt /= _sum(pt, 0)
-
-    parallel.rows(softmax_over_keys, p_t.T)
-    out = parallel.matmul(np.swapaxes(s_t, -1, -2), vd)  # P V
-
-    def backward(g):
-        gv = parallel.matmul(s_t, g)  # dV = P^T g
-        ds_t = np.empty_like(p_t)  # dP^T = V g^T, then dS^T = P^T * (dP^T - sum_k(dP^T P^T))
-        ds_seq = parallel.matmul(
-            vd, np.swapaxes(g, -1, -2), out=np.moveaxis(ds_t.reshape(lk, *batch, lq), 0, -2)
-        )
-
-        def softmax_backward(r):
-            ds, pt = ds_t[:, r], p_t[:, r]
-            ds -= _sum(ds * pt, 0)
-            ds *= pt
-
-        parallel.rows(softmax_backward, p_t.T)
-        gq = parallel.matmul(np.swapaxes(ds_seq, -1, -2), kd)  # dQ = dS K / sqrt(d)
-        gq *= scale
-        gk = parallel.matmul(ds_seq, qd)  # dK = dS^T Q / sqrt(d)
-        gk *= scale
-        return gq, gk, gv
-
-    out = record("attention", out, (q, k, v), backward, saved=(q, k, v))
-    if return_weights:  # P as (..., L_q, L_k), for figures
-        return out, Tensor(np.ascontiguousarray(np.swapaxes(s_t, -1, -2)))
-    return out
+    try:
+        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"attention: the batch axes of q {q.shape}, k {k.shape}, v {v.shape} do not "
+            "broadcast together"
+        ) from None
+    allowed = _attention_mask(mask, causal, q.shape[-2], k.shape[-2], batch)
+    if _fused():
+        out, weights_seq = kernels.attention(q, k, v, allowed)
+        if return_weights:  # P^T per sequence (..., L_k, L_q) -> P (..., L_q, L_k)
+            return out, Tensor(np.ascontiguousarray(np.swapaxes(weights_seq, -1, -2)))
+        return out
+    scores = q @ k.swapaxes(-1, -2) / math.sqrt(d)  # S = Q K^T / sqrt(d_k)   (..., L_q, L_k)
+    if allowed is not None:
+        scores = where(allowed, scores, np.finfo(scores.dtype).min)  # blocked: "-inf"
+    weights = softmax(scores, axis=-1)  # P: each query's weights over the keys sum to 1
+    out = weights @ v  # (..., L_q, L_k) @ (..., L_k, d_v)
+    return (out, weights.detach()) if return_weights else out
 
 
-def _attention_mask(mask: Any, causal: bool, lq: int, lk: int) -> np.ndarray | None:
+def _attention_mask(mask: Any, causal: bool, lq: int, lk: int, batch: tuple) -> np.ndarray | None:
+    """The keys each query may see, (..., L_q, L_k) bool, from `mask` and `causal`; None: all."""
     allowed = None
     if mask is not None:
         allowed = np.asarray(mask.data if isinstance(mask, Tensor) else mask)
@@ -638,6 +477,13 @@ def _attention_mask(mask: Any, causal: bool, lq: int, lk: int) -> np.ndarray | N
             raise TypeError(
                 f"attention mask must be boolean (True = may attend), got {allowed.dtype}"
             )
+        try:
+            np.broadcast_shapes(allowed.shape, (*batch, lq, lk))
+        except ValueError:
+            raise ValueError(
+                f"attention mask of shape {allowed.shape} does not broadcast to the scores' "
+                f"shape {(*batch, lq, lk)} (batch..., L_q, L_k)"
+            ) from None
     if causal:
         tri = np.tril(np.ones((lq, lk), dtype=bool), k=lk - lq)
         allowed = tri if allowed is None else allowed & tri

@@ -21,7 +21,9 @@ The worker sleeps between jobs (no spinning, unlike BLAS threads): with another 
 one of two cores, the ViT training step of tinymm.bench took ~10% longer on two threads than on
 one (98 vs 90 ms; idle: 62 vs 90 ms), where two OpenBLAS threads were 4-17x slower.
 TINYMM_THREADS=1, or `set_threads(1)`, keeps everything on the calling thread (as on a machine
-with a single core).
+with a single core). So does a debugger: while a trace function is set (pdb, an IDE) or in
+reference mode (tinymm/modes.py), every op runs on the calling thread, so a breakpoint in a
+kernel or a backward is hit and sees all the rows.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from types import EllipsisType
 from typing import TypeVar
 
 import numpy as np
+
+from . import modes
 
 MIN_SIZE = 2**19  # elements of an elementwise kernel worth splitting (see above)
 MIN_MACS = 2**22  # multiply-adds of a matmul worth splitting (~0.1 ms of work)
@@ -81,11 +85,11 @@ def matmul(
     `a`, or the leading axis when a and b have the same batch shape. Small products and
     broadcast batches are one np.matmul."""
     if (
-        _threads == 1
-        or a.ndim < 2
+        a.ndim < 2
         or a.size * b.shape[-1] < MIN_MACS  # a.size * N multiply-adds
         or a.ndim != b.ndim
         or a.shape[:-2] != b.shape[:-2]
+        or not _may_split()
     ):
         out = np.matmul(a, b, out=out)
         if bias is not None:
@@ -108,14 +112,20 @@ def both(first: Callable[[], A], second: Callable[[], B], macs: int) -> tuple[A,
     """(first(), second()), with second() on the worker thread while first() runs on this one
     when the two jobs are big (`macs`: multiply-adds of each). For two independent products of
     the same size, such as the input and weight gradients of a matmul."""
-    if _threads == 1 or macs < MIN_MACS or getattr(_local, "worker", False):
+    if macs < MIN_MACS or not _may_split():
         return first(), second()
     other = _worker().submit(second)
     return first(), other.result()
 
 
+def _may_split() -> bool:
+    """Two threads may be used now: not set to one, not already on the worker (a kernel that
+    calls rows() again runs it there alone), no debugger and not in reference mode."""
+    return _threads > 1 and not getattr(_local, "worker", False) and not modes.single_threaded()
+
+
 def _run(kernel: Callable[[Index], object], n: int, big: bool) -> None:
-    if _threads == 1 or n < 2 or not big or getattr(_local, "worker", False):
+    if n < 2 or not big or not _may_split():
         kernel(...)
         return
     half = int(n * 0.55)  # the worker starts ~30 us late (waking up): give it a bit less

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import special
 
 DEFAULT_DTYPE = np.float32
+_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
 
 # ----------------------------------------------------------------------------------------------
 # Global state: gradient mode and the random generator
@@ -483,6 +486,16 @@ class Tensor:
     def tanh(self) -> Tensor:
         out = np.tanh(self.data)
         return record("tanh", out, (self,), lambda g: (g * (1 - out * out),))
+
+    def erf(self) -> Tensor:
+        """erf(x) = 2/sqrt(pi) int_0^x e^{-t^2} dt (SciPy's);  d/dx = 2/sqrt(pi) e^{-x^2}."""
+        x = self.data
+        out = special.erf(x).astype(x.dtype, copy=False)
+
+        def backward(g):
+            return (g * (_TWO_OVER_SQRT_PI * np.exp(-x * x)),)
+
+        return record("erf", out, (self,), backward, saved=(self,))
 
     def abs(self) -> Tensor:
         x = self.data

@@ -34,6 +34,8 @@ from .. import functional as F
 from .. import nn
 from ..tensor import DEFAULT_DTYPE, Tensor, concatenate, default_rng
 
+MLP_ACTIVATION = "gelu_tanh"  # GELU, tanh approximation (as GPT-2): faster here; see nn.MLP
+
 
 class ViT(nn.Module):
     """Vision Transformer over channels-last images (N, H, W, C).
@@ -68,10 +70,11 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(_normal((1, 1, dim)))  # z_cls
         self.pos_embedding = nn.Parameter(_normal((self.num_patches + 1, dim)))  # E_pos
         self.blocks = nn.ModuleList(
-            nn.TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)
+            nn.TransformerBlock(dim, heads, mlp_ratio, activation=MLP_ACTIVATION)
+            for _ in range(depth)
         )
         self.ln_final = nn.LayerNorm(dim)
-        self.head = nn.MLP(dim, dim, num_classes) if num_classes else None
+        self.head = nn.MLP(dim, dim, num_classes, MLP_ACTIVATION) if num_classes else None
         self.num_classes = num_classes
 
     def encode(self, images: Any, return_weights: bool = False) -> Any:

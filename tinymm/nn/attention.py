@@ -64,14 +64,24 @@ class MultiHeadAttention(Module):
 
 
 class TransformerBlock(Module):
-    """Pre-norm block: x = x + attn(ln1(x)); x = x + mlp(ln2(x))."""
+    """Pre-norm block: x = x + attn(ln1(x)); x = x + mlp(ln2(x)).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4, dropout: float = 0.0):
+    activation: the MLP's ("gelu", exact, by default; "gelu_tanh" is the faster approximation
+    GPT-2 uses, and what tinymm's ViT and text transformer use)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4,
+        dropout: float = 0.0,
+        activation: str = "gelu",
+    ):
         super().__init__()
         self.ln1 = LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads)
         self.ln2 = LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), activation=activation)
         self.dropout = Dropout(dropout)
 
     def forward(

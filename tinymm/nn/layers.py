@@ -135,11 +135,19 @@ class Conv2d(Module):
         )
 
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": Tensor.tanh}
+_ACTIVATIONS = {
+    "gelu": F.gelu,  # exact, x Phi(x): PyTorch's nn.GELU()
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # nn.GELU(approximate="tanh")
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": Tensor.tanh,
+}
 
 
 class MLP(Module):
-    """Two linear layers with an activation between: fc2(act(fc1(x)))."""
+    """Two linear layers with an activation between: fc2(act(fc1(x))).
+
+    activation: "gelu" (exact, the default, as PyTorch), "gelu_tanh", "relu", "silu", "tanh"."""
 
     def __init__(self, dim: int, hidden: int, out: int | None = None, activation: str = "gelu"):
         super().__init__()

@@ -33,7 +33,7 @@ import tinymm as tm
 from tinymm import functional as F
 from tinymm import nn, optim, viz
 from tinymm.models import TextTransformer
-from tinymm.train import fit, lesson_args, result_line
+from tinymm.train import checkpointing, fit, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("01_attention", __doc__)
@@ -110,6 +110,7 @@ history = fit(
     loss_fn,
     (inputs, targets),
     steps=STEPS,
+    **checkpointing(args, STEPS),
     batch_size=BATCH,
     seed=args.seed,
     lr=lambda step: optim.cosine_schedule(

@@ -61,7 +61,7 @@ from tinymm import nn, optim, viz
 from tinymm.data.shapes import SHAPES, splits
 from tinymm.models import ViT
 from tinymm.models.vit import attention_rollout
-from tinymm.train import fit, in_batches, lesson_args, result_line
+from tinymm.train import checkpointing, fit, in_batches, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("02_vit", __doc__)
@@ -150,6 +150,7 @@ history = fit(
     loss_fn,
     (train.images, train.shape),
     steps=STEPS,
+    **checkpointing(args, STEPS, "vit"),
     batch_size=BATCH,
     seed=args.seed,
     lr=schedule(LR),
@@ -168,6 +169,7 @@ fit(
     loss_fn,
     (train.images, train.shape),
     steps=STEPS,
+    **checkpointing(args, STEPS, "mlp"),
     batch_size=BATCH,
     seed=args.seed,
     lr=schedule(MLP_LR),

@@ -56,7 +56,7 @@ from tinymm import optim, viz
 from tinymm.data import COLOURS, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, BPETokenizer, splits
 from tinymm.models import CLIP, TextTransformer, ViT, zero_shot_classifier
 from tinymm.models.clip import tokenize
-from tinymm.train import fit, in_batches, lesson_args, result_line
+from tinymm.train import checkpointing, fit, in_batches, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("03_clip", __doc__)
@@ -158,6 +158,7 @@ history = fit(
     loss_fn,
     (train.images, train_ids, train_eos),
     steps=STEPS,
+    **checkpointing(args, STEPS),
     batch_size=BATCH,
     seed=args.seed,
     lr=lambda step: optim.cosine_schedule(step, STEPS, STEPS // 20, LR, LR / 20),

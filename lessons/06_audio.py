@@ -64,7 +64,7 @@ from tinymm import audio, optim, viz
 from tinymm import functional as F
 from tinymm.data import SOUND_CLASSES, make_sounds
 from tinymm.models import ViT
-from tinymm.train import fit, in_batches, lesson_args, result_line
+from tinymm.train import checkpointing, fit, in_batches, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("06_audio", __doc__)
@@ -136,6 +136,7 @@ history = fit(
     loss_fn,
     (train_x, train_labels),
     steps=STEPS,
+    **checkpointing(args, STEPS),
     batch_size=BATCH,
     seed=args.seed,
     lr=lambda step: optim.cosine_schedule(

@@ -5,8 +5,10 @@ seed, saves its figures, and the same seed gives the same result.
 """
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,51 @@ def test_python_m_lessons_prints_a_summary_table(tmp_path):
     assert table[1].split()[0] == "lesson" and "held-out metrics" in table[1]
     assert table[2].startswith("01_attention") and "test_accuracy=" in table[2]
     assert (tmp_path / "01_attention" / "attention.png").exists()
+
+
+def test_python_m_lessons_shows_progress_as_it_comes(tmp_path):
+    """The lesson's own lines are echoed (indented) before the table, not swallowed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lessons", "--quick", "--out", str(tmp_path), "01"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before_table = proc.stdout[: proc.stdout.index("\nlesson ")]
+    assert "\n    step " in before_table and "\n    result: " in before_table
+    row = proc.stdout.splitlines()[-1]
+    peak_mb = float(row.split()[2])
+    assert 20 < peak_mb < 4000, row  # a lesson's peak RSS, in MB
+
+
+def test_a_lesson_killed_mid_run_resumes_to_the_same_result(tmp_path):
+    """SIGKILL after the first checkpoint, then --resume: the same result line as a run that
+    was never interrupted (timings aside)."""
+    script = str(ROOT / "lessons" / "01_attention.py")
+    common = [sys.executable, script, "--quick", "--steps", "150", "--out", str(tmp_path)]
+    uninterrupted, _ = run_lesson_command(common)
+    checkpoint = tmp_path / "state.npz"
+    log = tmp_path / "killed.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*common, "--checkpoint", str(checkpoint)], stdout=out, cwd=ROOT)
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert checkpoint.exists()
+    assert "result: " not in log.read_text(), "the run ended before it could be killed"
+    resumed, output = run_lesson_command([*common, "--checkpoint", str(checkpoint), "--resume"])
+    assert "resumed from" in output
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert strip(resumed) == strip(uninterrupted)
+
+
+def run_lesson_command(command: list[str]) -> tuple[dict, str]:
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("result: "), last
+    return json.loads(last[len("result: ") :]), proc.stdout

@@ -171,7 +171,7 @@ def test_pdb_stops_in_a_linear_weight_gradient_and_in_attention_backward(tmp_pat
     script.write_text(PDB_SCRIPT)
     kernels_py = ROOT / "tinymm" / "kernels.py"
     weight_line = line_of("gw = parallel.matmul(x_rows.T, g_rows)", kernels_py)
-    softmax_line = line_of("np.multiply(p, dp - _sum(dp * p, 0)", kernels_py)
+    softmax_line = line_of("ds *= p  # times P^T", kernels_py)
     at_each_stop = [
         "p ('STOP', __import__('threading').current_thread().name)",
         "p ('COLUMNS', p.shape, weights_t.shape)",  # in softmax_backward (a NameError elsewhere)

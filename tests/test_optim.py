@@ -439,8 +439,8 @@ def count_updates(optimizer):
 
 
 def one_by_one(optimizer):
-    """The same optimizer, made to update one parameter at a time (the reference path)."""
-    optimizer.elementwise = False
+    """The same optimizer, made to update one parameter at a time (the plain loop)."""
+    optimizer.foreach = False
     return optimizer
 
 
@@ -575,3 +575,27 @@ def test_state_written_by_hand_is_what_the_next_step_uses():
         assert np.array_equal(p.data, q.data)
     assert_same_state_dict(flat_state, ref_state)
     assert int(flat_state["state.0.step"]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_foreach_false_loops_over_parameters_and_gives_the_same_numbers(name):
+    """foreach=False (and reference mode, by default) runs _update once per parameter, with the
+    parameter's own shape: what a reader steps into. The numbers equal the flat update's."""
+    grads = [np.random.default_rng(i).standard_normal(s) for i, s in enumerate(FLAT_SHAPES)]
+    results = []
+    for foreach, reference in ((True, False), (False, False), (None, True)):
+        params = make_params(dtype=np.float32, shapes=FLAT_SHAPES)
+        opt = OPTIMIZERS[name](params)
+        opt.foreach = foreach
+        calls = count_updates(opt)
+        with tm.reference_mode(reference):
+            for _ in range(3):
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g.astype(np.float32)
+                opt.step()
+        per_parameter = foreach is False or reference
+        assert len(calls) == (3 * len(params) if per_parameter else 3)
+        results.append([p.data.copy() for p in params])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)

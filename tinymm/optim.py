@@ -25,6 +25,9 @@ parameter whenever it can (every parameter has a gradient, one dtype, one step c
 group's parameters laid end to end in one flat array, with flat moment buffers of which each
 `state[p]["exp_avg"]` is a view (`_FlatGroup`). The numbers are the same; a model with many
 small parameters then costs a handful of NumPy calls per group instead of per parameter.
+`foreach=False` (PyTorch's name for the same switch) keeps the plain loop over parameters, which
+is also what runs in reference mode and under a debugger, so stepping into `opt.step()` lands
+in `_update` for one parameter of its own shape.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .modes import single_threaded
 from .tensor import Tensor, no_grad
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -48,15 +52,18 @@ class Optimizer:
     it keeps) and writes `_update(p, grad, state, group)` for one parameter. It sets
     `elementwise = True` if that update treats every entry of p on its own (no norms, no
     shapes): then `step` may run it once on all of a group's parameters laid end to end.
+    foreach: True: that flat update whenever possible; False: always one parameter at a time;
+    None (default): flat, except in reference mode or under a debugger.
     """
 
     state_names: tuple[str, ...] = ()
     elementwise = False
 
-    def __init__(self, params: ParamsT, defaults: dict[str, Any]):
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], foreach: bool | None = None):
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of Tensors (e.g. model.parameters())")
         self.defaults = defaults
+        self.foreach = foreach
         self.param_groups: list[dict[str, Any]] = []
         self.state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         self._flat: dict[int, _FlatGroup] = {}  # id(group) -> that group laid end to end
@@ -94,7 +101,7 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that has a gradient; parameters without one are skipped."""
         for group in self.param_groups:
-            flat = self._flat_group(group) if self.elementwise else None
+            flat = self._flat_group(group) if self._flat_update() else None
             if flat is None:  # one parameter at a time: the reference
                 for p in group["params"]:
                     if p.grad is not None:
@@ -107,6 +114,11 @@ class Optimizer:
             for p, new in zip(flat.params, flat.value_views, strict=True):
                 p.copy_(new)  # into p.data, which stays the same array; p's version moves
             flat.share()
+
+    def _flat_update(self) -> bool:
+        if not self.elementwise:
+            return False
+        return self.foreach if self.foreach is not None else not single_threaded()
 
     def _flat_group(self, group: dict) -> _FlatGroup | None:
         """The group laid end to end for this step, or None: then it goes one parameter at a time,
@@ -320,9 +332,10 @@ class SGD(Optimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        foreach: bool | None = None,
     ):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, foreach)
 
     def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
         lr, momentum = float(group["lr"]), float(group["momentum"])
@@ -365,9 +378,10 @@ class Adam(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        foreach: bool | None = None,
     ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, foreach)
 
     def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
         lr, eps, decay = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
@@ -409,8 +423,11 @@ class AdamW(Adam):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        foreach: bool | None = None,
     ):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach
+        )
 
 
 def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float) -> float:

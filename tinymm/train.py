@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import io
+from .modes import set_reference_mode
 from .nn import Module
 from .optim import clip_grad_norm_
 from .tensor import default_rng, no_grad
@@ -28,7 +29,9 @@ from .tensor import default_rng, no_grad
 def lesson_args(
     name: str, description: str = "", argv: Sequence[str] | None = None
 ) -> argparse.Namespace:
-    """The lesson contract's command line: --quick, --seed, --steps, --out (runs/<name>)."""
+    """The lesson contract's command line: --quick, --seed, --steps, --out (runs/<name>),
+    --reference (the plain compositions instead of the fused kernels, on one thread: slower),
+    --checkpoint PATH and --resume (see `checkpointing`)."""
     parser = argparse.ArgumentParser(
         description=description.strip().splitlines()[0] if description else None
     )
@@ -38,9 +41,41 @@ def lesson_args(
         "--steps", type=int, default=None, help="training steps (default: lesson's)"
     )
     parser.add_argument("--out", type=Path, default=Path("runs") / name, help="figures go here")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="run every composite op as its plain composition (tinymm.reference_mode): slower",
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="save the training state here as it trains"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from --checkpoint if it exists"
+    )
     args = parser.parse_args(argv)
+    if args.resume and args.checkpoint is None:
+        parser.error("--resume needs --checkpoint PATH")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.reference:
+        set_reference_mode(True)
+        print("reference mode: composite ops run as their plain compositions, on one thread")
     return args
+
+
+def checkpointing(args: argparse.Namespace, steps: int, part: str = "") -> dict[str, Any]:
+    """fit()'s checkpoint arguments from a lesson's --checkpoint / --resume: save every
+    steps // 10 steps (at most 200) and at the end. `part` names one of several models a lesson
+    trains, each in its own file (PATH.part.npz)."""
+    if args.checkpoint is None:
+        return {}
+    path = Path(args.checkpoint)
+    if part:
+        path = path.with_name(f"{path.stem}.{part}{path.suffix or '.npz'}")
+    return {
+        "checkpoint": path,
+        "checkpoint_every": min(max(steps // 10, 1), 200),
+        "resume": args.resume,
+    }
 
 
 def result_line(metrics: dict[str, Any], seconds: float, seed: int) -> str:
@@ -155,7 +190,11 @@ def fit(
         done = step + 1
         if evaluate is not None and eval_every and done % eval_every == 0 and done < steps:
             _record_eval(history, evaluate, model, done)
-        if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0:
+        if (
+            checkpoint is not None
+            and checkpoint_every
+            and (done % checkpoint_every == 0 or done == steps)
+        ):
             _save_checkpoint(checkpoint, model, optimizer, done)
         if done % log_every == 0 or done == steps:
             now = time.perf_counter()

@@ -42,19 +42,39 @@ def _child(code: str, **env: str) -> str:
     return out.stdout.strip()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
-def test_import_applies_settings_unless_opted_out():
+def test_import_changes_nothing_outside_tinymm():
+    """A user's notebook keeps its BLAS threads, collector and environment after import."""
     code = (
-        "import tinymm, os\n"
-        "print(tinymm.runtime.applied, os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+        "import gc, os, numpy as np\n"
+        "from tinymm import runtime\n"
+        "before = (gc.get_threshold(), runtime.blas_threads(), dict(os.environ))\n"
+        "import tinymm\n"
+        "print(before == (gc.get_threshold(), runtime.blas_threads(), dict(os.environ)))"
     )
-    applied = _child(code)
-    assert "'malloc_thresholds': True" in applied and applied.endswith(" 1")
-    assert "'gc_threshold': True" in applied
-    assert _child(code, **{runtime.OPT_OUT: "1"}) == "{} None"
-    threshold = "import gc, tinymm; print(gc.get_threshold()[0])"
-    assert int(_child(threshold)) == runtime.GC_THRESHOLD
-    assert int(_child(threshold, **{runtime.OPT_OUT: "1"})) < runtime.GC_THRESHOLD
+    assert _child(code) == "True"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
+def test_tune_says_what_it_changed_and_untune_puts_it_back():
+    code = (
+        "import gc, tinymm\n"
+        "from tinymm import runtime\n"
+        "young, blas = gc.get_threshold()[0], runtime.blas_threads()\n"
+        "changes = runtime.tune()\n"
+        "print(sorted(changes), changes['gc_threshold'], runtime.tune() == changes)\n"
+        "print(gc.get_threshold()[0], runtime.blas_threads())\n"
+        "runtime.untune()\n"
+        "print(gc.get_threshold()[0] == young, runtime.blas_threads() == blas,"
+        " runtime.tune() == changes)"
+    )
+    lines = _child(code, OPENBLAS_NUM_THREADS="2").splitlines()
+    assert "'gc_threshold', 'malloc_thresholds'" in lines[0] and "(700, 10000) True" in lines[0]
+    assert lines[1] == f"{runtime.GC_THRESHOLD} 2"  # the user's OPENBLAS_NUM_THREADS stands
+    assert lines[2] == "True True True"  # restored, and tune() applies again
+    assert (
+        _child("from tinymm import runtime; print(runtime.tune())", **{runtime.OPT_OUT: "1"})
+        == "{}"
+    )
 
 
 def test_graphs_are_freed_by_reference_counting_alone():
@@ -85,10 +105,10 @@ def test_graphs_are_freed_by_reference_counting_alone():
         gc.enable()
 
 
-def test_one_blas_thread_by_default_unless_chosen():
+def test_tune_gives_one_blas_thread_unless_chosen():
     if runtime.blas_threads() is None:
         pytest.skip("NumPy does not use OpenBLAS here")
-    code = "import tinymm; print(tinymm.runtime.blas_threads())"
+    code = "import tinymm; tinymm.runtime.tune(); print(tinymm.runtime.blas_threads())"
     assert _child(code) == "1"
     assert _child(code, TINYMM_BLAS_THREADS="2") == "2"
     assert _child(code, OPENBLAS_NUM_THREADS="2") == "2"  # the user's own setting stands
@@ -97,6 +117,7 @@ def test_one_blas_thread_by_default_unless_chosen():
 def test_a_training_step_gives_the_same_numbers_with_and_without_the_settings():
     code = (
         "import numpy as np, tinymm as tm, tinymm.functional as F\n"
+        "tm.runtime.tune()\n"
         "tm.manual_seed(0); m = tm.nn.TransformerBlock(16, 2)\n"
         "x = tm.randn(4, 5, 16); loss = (m(x) ** 2).mean(); loss.backward()\n"
         "print(repr(float(loss.item())), repr(float(m.attn.q_proj.weight.grad.sum())))"

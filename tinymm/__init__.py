@@ -5,11 +5,7 @@ x = tm.tensor([1.0, 2.0, 3.0], requires_grad=True)
 (x * x).sum().backward()      # x.grad == 2 x
 """
 
-from . import runtime
-
-runtime.apply()  # before NumPy loads OpenBLAS: see tinymm/runtime.py
-
-from . import audio, data, functional, models, nn, optim
+from . import audio, data, functional, models, nn, optim, runtime
 from .gradcheck import gradcheck
 from .io import load, save
 from .modes import is_reference_mode, reference_mode
@@ -62,6 +58,7 @@ __all__ = [
     "optim",
     "pad",
     "randn",
+    "runtime",
     "reference_mode",
     "save",
     "split",

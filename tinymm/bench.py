@@ -36,7 +36,7 @@ What each number means:
    - attention uses torch.nn.functional.scaled_dot_product_attention.
 
 Times are wall-clock medians over blocks of calls, after warm-up. By default tinymm works on two
-threads (`tinymm/parallel.py`) with one OpenBLAS thread (`tinymm/runtime.py`), and torch gets
+threads (`tinymm/parallel.py`) with one OpenBLAS thread (`runtime.tune()`), and torch gets
 two; `TINYMM_THREADS=1 python -m tinymm.bench` measures both on one. tinymm's second thread
 sleeps between jobs, so on a busy machine (the table shows the load average) it costs little;
 torch's OpenMP threads and multi-threaded BLAS wait for cores and slow down many times over.
@@ -634,6 +634,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch", action="store_true", help="also time PyTorch CPU, alternately")
     parser.add_argument("--json", metavar="PATH", help="also write the result dict to PATH")
     args = parser.parse_args(argv)
+    changed = runtime.tune()  # the settings a training run uses (tinymm/runtime.py)
+    if changed:
+        print(f"runtime.tune(): {runtime.describe(changed)}")
     torch = None
     if args.torch:
         try:

@@ -1,8 +1,9 @@
 """Two cores for the big matmuls and elementwise kernels: all of tinymm's threading is here.
 
-tinymm gives OpenBLAS one thread (runtime.py explains why), so by itself a step would use one core
-of a laptop. NumPy releases the GIL inside its loops and BLAS calls, so two Python threads can
-each do half of the rows at the same time. Three functions do that, for the ops worth it:
+`tinymm.runtime.tune()` gives OpenBLAS one thread (runtime.py explains why), so by itself a step
+would use one core of a laptop. NumPy releases the GIL inside its loops and BLAS calls, so two
+Python threads can each do half of the rows at the same time. Three functions do that, for the
+ops worth it:
 
     matmul(a, b, bias)    a @ b + bias, the rows of a (or the leading axis of both) split in two
     rows(kernel, like)    kernel(slice(h, n)) on a worker thread, kernel(slice(0, h)) on this

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import io
+from . import io, runtime
 from .modes import set_reference_mode
 from .nn import Module
 from .optim import clip_grad_norm_
@@ -56,6 +56,9 @@ def lesson_args(
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint PATH")
     args.out.mkdir(parents=True, exist_ok=True)
+    changed = runtime.tune()
+    if changed:
+        print(f"runtime.tune(): {runtime.describe(changed)}")
     if args.reference:
         set_reference_mode(True)
         print("reference mode: composite ops run as their plain compositions, on one thread")
@@ -148,6 +151,7 @@ def fit(
     after_step(done) runs right after each optimizer step (done = steps taken so far), e.g. to
     clamp a parameter into its range or to record it.
     """
+    runtime.tune()  # the process settings that pay for training (tinymm/runtime.py)
     history = History()
     start_step = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():

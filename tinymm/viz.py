@@ -620,7 +620,8 @@ def cls_attention(
 class GraphNode:
     """One tensor of a graph: `kind` is "op" (made by an op), "param" (a module's Parameter),
     "input" (another leaf that requires grad) or "const" (a leaf without grad); `layer` counts
-    ops from the output (0) by the longest path; `position` is its order within the layer."""
+    ops from the output (0) by the longest path; `position` is its order among the layer's
+    tensors (left to right), `x` where it is drawn."""
 
     tensor: Any
     kind: str
@@ -823,7 +824,7 @@ def graph_layers(tensor: Any, constants: bool = True, sweeps: int = 8) -> GraphL
             for p, i in enumerate(row):
                 x[i] = (lr[p] + rl[p]) / 2
 
-    position = {i: p for row in rows for p, i in enumerate(row)}
+    position = {i: p for row in rows for p, i in enumerate(j for j in row if j < n)}
     nodes = [
         GraphNode(t, kind, label, layer[i], position[i], x[i])
         for i, (t, (kind, label)) in enumerate(zip(tensors, labels, strict=True))

@@ -677,7 +677,8 @@ def graph_layers(tensor: Any, constants: bool = True, sweeps: int = 8) -> GraphL
     4. Order each layer by the barycentre (mean position) of its neighbours in the layer above,
        then below, `sweeps` times, keeping the order with the fewest crossings.
     5. x coordinates: each node pulled toward the mean x of its neighbours, in order, without
-       overlapping (the mean of a left-to-right and a right-to-left placement).
+       overlapping (the mean of a left-to-right and a right-to-left placement), 3 x `sweeps`
+       times.
     constants=False leaves out leaves that do not require grad (0.5 in x * 0.5, the data).
     """
     from .nn.module import Parameter  # viz needs only the class, to tell weights apart
@@ -806,7 +807,7 @@ def graph_layers(tensor: Any, constants: bool = True, sweeps: int = 8) -> GraphL
         for i in row:
             x[i] = left + half[i]
             left += 2 * half[i] + 0.15
-    for sweep in range(sweeps):
+    for sweep in range(3 * sweeps):
         for k in range(depth) if sweep % 2 else range(depth - 1, -1, -1):
             row = rows[k]
             want = [
@@ -861,7 +862,7 @@ def draw_graph(
     `backward(retain_graph=True)` every tensor that kept a gradient shows its shape. The layout
     is `graph_layers` (longest-path layers, barycentre order); matplotlib only, no graphviz."""
     layout = graph_layers(tensor, constants=constants)
-    xs = [n.x for n in layout.nodes]
+    xs = [n.x for n in layout.nodes] + [x for r in layout.routes.values() for x, _ in r]
     span = max(xs) - min(xs) + 1.6
     fig, ax = plt.subplots(figsize=(1.5 * span + 0.5, 0.8 * layout.depth + 1.2))
     height = [_graph_box(n.label)[1] for n in layout.nodes]

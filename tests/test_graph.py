@@ -1,5 +1,6 @@
 """Seeing the graph: tensor names, the read-only `grad_fn` view of the engine's nodes, parameter
-names given by nn.Module, and the layered layout and drawing of `tinymm.viz.draw_graph`."""
+names given by nn.Module, and the layered layout and drawing of `tinymm.viz.draw_graph`.
+(Module.to / double / float are tested in test_nn.py.)"""
 
 from __future__ import annotations
 
@@ -88,32 +89,6 @@ def test_names_follow_later_changes_anywhere_in_the_tree():
     model.blocks[1].ln2.weight = shared  # a parameter in two places keeps its first name
     assert shared.name == "blocks.0.ln1.weight"
     assert all(p.name == name for name, p in model.named_parameters())
-
-
-def test_module_to_double_and_float_cast_in_place_and_return_self():
-    layer = nn.Linear(3, 2)
-    weight = layer.weight
-    layer(tm.randn(4, 3)).sum().backward()
-    assert layer.double() is layer and layer.weight is weight
-    assert weight.dtype == np.float64 and weight.grad.dtype == np.float64
-    assert layer(tm.tensor(np.ones((1, 3)))).dtype == np.float64
-    assert layer.float().weight.dtype == np.float32 and layer.to("float64") is layer
-    assert layer.bias.dtype == np.float64
-
-
-def test_module_to_rejects_a_dtype_that_is_not_floating():
-    with pytest.raises(TypeError, match=r"Linear.to: parameters need a floating dtype.*int64"):
-        nn.Linear(2, 2).to(np.int64)
-    with pytest.raises(TypeError, match="not a dtype"):
-        nn.Linear(2, 2).to("pixels")
-
-
-def test_a_graph_that_saved_a_parameter_before_the_cast_refuses_backward():
-    layer = nn.Linear(2, 2)
-    loss = (tm.randn(3, 2) @ layer.weight).sum()
-    layer.double()
-    with pytest.raises(RuntimeError, match="modified in place by 'to'"):
-        loss.backward()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ names given by nn.Module, and the layered layout and drawing of `tinymm.viz.draw
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -89,6 +92,17 @@ def test_names_follow_later_changes_anywhere_in_the_tree():
     model.blocks[1].ln2.weight = shared  # a parameter in two places keeps its first name
     assert shared.name == "blocks.0.ln1.weight"
     assert all(p.name == name for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))])
+def test_a_copied_model_names_its_own_parameters(copy_of):
+    model = ViT(8, 4, dim=8, depth=1, heads=2)
+    twin = copy_of(model)
+    twin.blocks.append(nn.TransformerBlock(8, 2))  # named through the copy's own parents
+    assert twin.blocks[1].ln1.weight.name == "blocks.1.ln1.weight"
+    assert all(p.name == name for name, p in twin.named_parameters())
+    assert not {id(p) for p in twin.parameters()} & {id(p) for p in model.parameters()}
+    assert len(model.blocks) == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,6 +71,14 @@ class Module:
         for name, p in self.named_parameters():
             p.name = name
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy and pickle: no weak references
+        return {**self.__dict__, "_parent": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for module in self._modules.values():  # the copies of the children: parent is the copy
+            object.__setattr__(module, "_parent", weakref.ref(self))
+
     def __delattr__(self, name: str) -> None:
         self._parameters.pop(name, None)
         self._modules.pop(name, None)

@@ -688,7 +688,7 @@ def graph_layers(tensor: Any, constants: bool = True, sweeps: int = 8) -> GraphL
     if not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"graph_layers: sweeps must be an integer >= 0, got {sweeps!r}")
     # 1. the tensors, each once, and the distinct (input, result) edges
-    index, tensors, edges = {id(tensor): 0}, [tensor], []
+    index, tensors, edges, known = {id(tensor): 0}, [tensor], [], set()
     stack = [tensor]
     while stack:
         t = stack.pop()
@@ -710,7 +710,8 @@ def graph_layers(tensor: Any, constants: bool = True, sweeps: int = 8) -> GraphL
                 tensors.append(inp)
                 stack.append(inp)
             edge = (index[key], index[id(t)])
-            if edge not in edges:
+            if edge not in known:
+                known.add(edge)
                 edges.append(edge)
     n = len(tensors)
     inputs_of = [[] for _ in range(n)]
@@ -769,11 +770,12 @@ def graph_layers(tensor: Any, constants: bool = True, sweeps: int = 8) -> GraphL
         return total
 
     def reorder(row: list[int], neighbours: list[list[int]], pos: dict[int, int]) -> list[int]:
-        def key(item: int) -> float:
+        """Sort by the mean position of the neighbours; an item without any keeps its place."""
+        key = {}
+        for p, item in enumerate(row):
             near = [pos[b] for b in neighbours[item]]
-            return sum(near) / len(near) if near else float(row.index(item))
-
-        return sorted(row, key=key)
+            key[item] = sum(near) / len(near) if near else p
+        return sorted(row, key=key.__getitem__)
 
     best, best_crossings = [list(r) for r in rows], crossings(rows)
     for sweep in range(sweeps):
@@ -790,15 +792,12 @@ def graph_layers(tensor: Any, constants: bool = True, sweeps: int = 8) -> GraphL
     # 5. x coordinates: widths from the labels, waypoints thin
     labels = []
     for t in tensors:
-        kind = (
-            "op"
-            if t.grad_fn is not None
-            else "param"
-            if isinstance(t, Parameter)
-            else "input"
-            if t.requires_grad
-            else "const"
-        )
+        if t.grad_fn is not None:
+            kind = "op"
+        elif isinstance(t, Parameter):
+            kind = "param"
+        else:
+            kind = "input" if t.requires_grad else "const"
         labels.append((kind, _graph_label(t, kind)))
     half = [_graph_box(label)[0] / 2 for _, label in labels] + [0.08] * (len(item_layer) - n)
     x = [0.0] * len(item_layer)

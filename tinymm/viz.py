@@ -863,7 +863,9 @@ def draw_graph(
     layout = graph_layers(tensor, constants=constants)
     xs = [n.x for n in layout.nodes] + [x for r in layout.routes.values() for x, _ in r]
     span = max(xs) - min(xs) + 1.6
-    fig, ax = plt.subplots(figsize=(1.5 * span + 0.5, 0.8 * layout.depth + 1.2))
+    size = (1.5 * span + 0.5, 0.8 * layout.depth + 1.2)
+    dpi = min(plt.rcParams["figure.dpi"], 30_000 / max(size))  # big graphs: under 30k pixels
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
     height = [_graph_box(n.label)[1] for n in layout.nodes]
     for (src, dst), route in layout.routes.items():
         points = [(px, py) for px, py in route]

@@ -10,7 +10,7 @@ from . import runtime
 runtime.apply()  # before NumPy loads OpenBLAS: see tinymm/runtime.py
 
 from . import audio, data, functional, models, nn, optim
-from .gradcheck import gradcheck
+from .gradcheck import gradcheck, gradcheck_module
 from .io import load, save
 from .tensor import (
     DEFAULT_DTYPE,
@@ -46,6 +46,7 @@ __all__ = [
     "default_rng",
     "functional",
     "gradcheck",
+    "gradcheck_module",
     "is_grad_enabled",
     "load",
     "manual_seed",

@@ -24,10 +24,11 @@ input position to copy from. That lookup is attention.
 What to look at: runs/01_attention/attention.png. To reverse, the output position n+i must attend
 to input position n-1-i: the learned pattern is an anti-diagonal.
 
-And runs/01_attention/attention_graph.png: the graph the engine records for one block,
-x + attn(ln1(x)), then + mlp(ln2(x)) (viz.draw_graph): every op with the shape it makes, every
-weight with its name in the model (text.blocks.0.attn.q_proj.weight is W^Q of step 1). Each
-op's node is what `tensor.grad_fn` shows (op, inputs, saved); backward walks these arrows back.
+And runs/01_attention/attention_graph.png (viz.draw_graph): the graph the engine records for
+one block of step 3, x = x + attn(ln1(x)); x = x + mlp(ln2(x)). Every op with the shape it
+makes, every weight with its name in the model (text.blocks.0.attn.q_proj.weight is W^Q of
+step 1). Each op node is what `tensor.grad_fn` shows (op, inputs, saved); backward walks these
+arrows the other way.
 """
 
 import time

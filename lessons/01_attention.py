@@ -1,8 +1,8 @@
 """Lesson 01: attention, the recap the whole lecture builds on.
 
-The task: read eight digits, a separator, then write the digits in reverse order.
+The task: read sixteen digits, a separator, then write the digits in reverse order.
 
-    3 1 4 1 5 9 2 6 | 6 2 9 5 1 4 1 3
+    3 1 4 1 5 9 2 6 5 3 5 8 9 7 9 3 | 3 9 7 9 8 5 3 5 6 2 9 5 1 4 1 3
 
 No fixed weighting of the input can do this: the model must, at every output step, find *which*
 input position to copy from. That lookup is attention.
@@ -23,6 +23,12 @@ input position to copy from. That lookup is attention.
 
 What to look at: runs/01_attention/attention.png. To reverse, the output position n+i must attend
 to input position n-1-i: the learned pattern is an anti-diagonal.
+
+And runs/01_attention/attention_graph.png (viz.draw_graph): the graph the engine records for
+one block of step 3, x = x + attn(ln1(x)); x = x + mlp(ln2(x)). Every op with the shape it
+makes, every weight with its name in the model (text.blocks.0.attn.q_proj.weight is W^Q of
+step 1). Each op node is what `tensor.grad_fn` shows (op, inputs, saved); backward walks these
+arrows the other way.
 """
 
 import time
@@ -155,7 +161,19 @@ path = viz.attention_maps(
     labels,
     title="attention of each head (query row attends to key column)",
 )
-print(f"figures: {args.out / 'loss.png'}, {path}")
+# the graph of one block, on the first test sequence: what backward would walk through
+model.zero_grad()  # (no gradients left from training in the labels)
+with tm.no_grad():
+    ids = test_seq[:1, :-1]
+    z = model.text.token_embedding(ids) + model.text.pos_embedding[: ids.shape[1]]
+z = tm.tensor(z.data, requires_grad=True)
+z.name = "Z = E_tok[ids] + E_pos"
+block_out = model.text.blocks[0](z, causal=True)
+block_out.name = "block output"
+graph = viz.draw_graph(
+    block_out, args.out / "attention_graph.png", title="one pre-norm transformer block"
+)
+print(f"figures: {args.out / 'loss.png'}, {path}, {graph}")
 
 result_line(
     {

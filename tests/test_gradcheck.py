@@ -1,13 +1,20 @@
 """Tests of gradcheck itself: it must pass correct gradients and catch wrong ones, in both the
-full-Jacobian mode (small inputs) and the random-direction mode (large inputs)."""
+full-Jacobian mode (small inputs) and the random-direction mode (large inputs); and of
+gradcheck_module, the same for a whole model's loss, naming the parameter that is wrong."""
 
 from __future__ import annotations
+
+import re
+import sys
 
 import numpy as np
 import pytest
 
 import tinymm as tm
-from tinymm.gradcheck import FULL_JACOBIAN_MAX, gradcheck
+from tinymm import functional as F
+from tinymm import nn
+from tinymm.gradcheck import FULL_JACOBIAN_MAX, gradcheck, gradcheck_module
+from tinymm.models import ViT
 from tinymm.tensor import record
 
 
@@ -95,3 +102,101 @@ def test_rejects_float32_and_inputs_without_grad():
         gradcheck(lambda x: x * 2, [tm.tensor([1.0, 2.0], requires_grad=True)])
     with pytest.raises(ValueError, match="no input requires grad"):
         gradcheck(lambda x: x * 2, [tm.tensor(np.ones(2))])
+
+
+# ----------------------------------------------------------------------------------------------
+# gradcheck_module: a whole model's loss against every parameter
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_vit():
+    tm.manual_seed(0)
+    return ViT(8, 4, channels=3, dim=8, depth=1, heads=2, num_classes=3).double().eval()
+
+
+def vit_loss(model, images, labels):
+    logits = model(images)
+    return F.cross_entropy(logits, labels), 0.0  # (loss, metric), as fit's loss_fn
+
+
+IMAGES = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
+LABELS = np.array([0, 2])
+
+
+def test_gradcheck_module_passes_on_a_tiny_vit_in_float64():
+    model = tiny_vit()
+    assert any(p.size > FULL_JACOBIAN_MAX for p in model.parameters())  # both modes run
+    assert gradcheck_module(model, vit_loss, IMAGES, LABELS) is True
+    assert model.patch_embedding.weight.grad is not None
+
+
+class Gain(nn.Module):
+    """y = x * gain through a hand-written op whose gain gradient is `factor` times too large
+    on the elements `where` (all of them by default)."""
+
+    def __init__(self, dim, factor, where=...):
+        super().__init__()
+        self.gain = nn.Parameter(np.linspace(0.5, 1.5, dim))
+        self.factor, self.where = factor, where
+
+    def forward(self, x):
+        gain = self.gain
+
+        def backward(g):
+            g_gain = (g * x.data).reshape(-1, gain.shape[-1]).sum(0)
+            g_gain[self.where] *= self.factor
+            return g * gain.data, g_gain
+
+        return record("gain", x.data * gain.data, (x, gain), backward, saved=(x, gain))
+
+
+class GainedViT(nn.Module):
+    def __init__(self, gain: Gain):
+        super().__init__()
+        self.vit = tiny_vit()
+        self.vit.blocks[0].gain = gain  # inside a block, so its name is a dotted path
+
+    def forward(self, images):
+        block = self.vit.blocks[0]
+        tokens = self.vit.encode(images)
+        return self.vit.head(block.gain(tokens)[:, 0])
+
+
+def test_gradcheck_module_names_the_parameter_whose_gradient_is_off_by_a_factor():
+    model = GainedViT(Gain(8, factor=1.0))
+    assert gradcheck_module(model, vit_loss, IMAGES, LABELS)  # the op itself is right
+    model.vit.blocks[0].gain.factor = 1.5
+    with pytest.raises(AssertionError, match=r"parameter 'vit.blocks.0.gain.gain' \(8,\) at index"):
+        gradcheck_module(model, vit_loss, IMAGES, LABELS)
+
+
+def test_gradcheck_module_finds_the_one_wrong_element_of_a_big_parameter(monkeypatch):
+    module = sys.modules["tinymm.gradcheck"]  # (tinymm.gradcheck is also the function's name)
+    found = []
+    bisect = module._bisect
+    monkeypatch.setattr(module, "_bisect", lambda *args: found.append(bisect(*args)) or found[-1])
+    n = FULL_JACOBIAN_MAX + 44
+    model = nn.Sequential(Gain(n, factor=3.0, where=123)).double()
+    x = np.random.default_rng(1).uniform(1, 2, (2, n))
+    x[:, 123] = 0.3  # not the largest gradient, so no element check picks it: halving finds it
+    loss = lambda model, x: (model(tm.tensor(x)) ** 2.0).sum()  # noqa: E731
+    with pytest.raises(AssertionError) as error:
+        gradcheck_module(model, loss, x, elements=2)
+    message = str(error.value)
+    assert "parameter '0.gain' (300,) at index (123,)" in message
+    analytic, numeric = (float(w) for w in re.findall(r"(?:analytic|numeric) (\S+),", message))
+    assert analytic == pytest.approx(3 * numeric)
+    assert found == [123], "a failing random direction, halved down to the element"
+
+
+def test_gradcheck_module_rejects_float32_nondeterminism_and_bad_losses():
+    with pytest.raises(TypeError, match=r"parameter 'cls_token' is float32.*double"):
+        gradcheck_module(ViT(8, 4, dim=8, depth=1, heads=2), vit_loss, IMAGES, LABELS)
+    block = nn.TransformerBlock(8, 2, dropout=0.5).double()  # training mode: dropout is random
+    tokens = np.ones((1, 3, 8))
+    with pytest.raises(ValueError, match=r"must be deterministic.*model.eval\(\)"):
+        gradcheck_module(block, lambda m, x: m(x).sum(), tokens)
+    with pytest.raises(TypeError, match="loss_fn returned float"):
+        gradcheck_module(block.eval(), lambda m, x: 1.0, tokens)
+    with pytest.raises(ValueError, match="Module has no parameters"):
+        gradcheck_module(nn.Module(), lambda m: tm.tensor(0.0))

@@ -373,8 +373,34 @@ def test_load_state_dict_accepts_tensors_and_keeps_the_parameter_dtype():
 
 
 # ----------------------------------------------------------------------------------------------
-# Module: modes and gradients
+# Module: modes, dtype and gradients
 # ----------------------------------------------------------------------------------------------
+
+
+def test_module_to_double_and_float_cast_in_place_and_return_self():
+    layer = nn.Linear(3, 2)
+    weight = layer.weight
+    layer(tm.randn(4, 3)).sum().backward()
+    assert layer.double() is layer and layer.weight is weight
+    assert weight.dtype == np.float64 and weight.grad.dtype == np.float64
+    assert layer(tm.tensor(np.ones((1, 3)))).dtype == np.float64
+    assert layer.float().weight.dtype == np.float32 and layer.to("float64") is layer
+    assert layer.bias.dtype == np.float64
+
+
+def test_module_to_rejects_a_dtype_that_is_not_floating():
+    with pytest.raises(TypeError, match=r"Linear.to: parameters need a floating dtype.*int64"):
+        nn.Linear(2, 2).to(np.int64)
+    with pytest.raises(TypeError, match="not a dtype"):
+        nn.Linear(2, 2).to("pixels")
+
+
+def test_a_graph_that_saved_a_parameter_before_the_cast_refuses_backward():
+    layer = nn.Linear(2, 2)
+    loss = (tm.randn(3, 2) @ layer.weight).sum()
+    layer.double()
+    with pytest.raises(RuntimeError, match="modified in place by 'to'"):
+        loss.backward()
 
 
 def test_train_and_eval_set_the_flag_recursively():

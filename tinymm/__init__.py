@@ -6,7 +6,7 @@ x = tm.tensor([1.0, 2.0, 3.0], requires_grad=True)
 """
 
 from . import audio, data, functional, models, nn, optim, runtime
-from .gradcheck import gradcheck
+from .gradcheck import gradcheck, gradcheck_module
 from .io import load, save
 from .modes import is_reference_mode, reference_mode
 from .tensor import (
@@ -43,6 +43,7 @@ __all__ = [
     "default_rng",
     "functional",
     "gradcheck",
+    "gradcheck_module",
     "is_grad_enabled",
     "is_reference_mode",
     "load",

@@ -99,6 +99,49 @@ class Node:
                 )
 
 
+class GradFn:
+    """A read-only view of the `Node` that made a tensor (`tensor.grad_fn`), to look at the graph.
+
+    `op` names the op, `inputs` are its input tensors (in order), `saved` the inputs whose values
+    its backward reads. `backward()` without `retain_graph=True` releases the graph as it goes:
+    afterwards `released` is True, `op` is still known, and `inputs` / `saved` raise.
+    """
+
+    __slots__ = ("_node",)
+
+    def __init__(self, node: Node):
+        self._node = node
+
+    op = property(lambda self: self._node.op)
+    released = property(lambda self: self._node.backward is None)
+
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        self._check_alive("inputs")
+        return self._node.inputs
+
+    @property
+    def saved(self) -> tuple[Tensor, ...]:
+        self._check_alive("saved")
+        return self._node.saved
+
+    def _check_alive(self, what: str) -> None:
+        if self._node.backward is None:
+            raise RuntimeError(
+                f"grad_fn.{what} of '{self._node.op}': backward() released this graph; call "
+                "backward(retain_graph=True) to look at it afterwards"
+            )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GradFn) and other._node is self._node
+
+    def __hash__(self) -> int:
+        return id(self._node)
+
+    def __repr__(self) -> str:
+        return f"<grad_fn {self._node.op}{' (released)' if self.released else ''}>"
+
+
 def sum_to(grad: np.ndarray, shape: tuple) -> np.ndarray:
     """Sum a broadcast gradient back to `shape`: the adjoint of np.broadcast_to(x, grad.shape)."""
     if grad.shape == shape:
@@ -145,7 +188,7 @@ def _new(data: np.ndarray) -> Tensor:
     """A tensor around an ndarray, without Tensor()'s conversions: the fast path for op results."""
     t = object.__new__(Tensor)
     t.data, t.grad, t.requires_grad, t._node = data, None, False, None
-    t._version, t._inplace_op, t._retains_grad = 0, "", False
+    t._version, t._inplace_op, t._retains_grad, t.name = 0, "", False, None
     return t
 
 
@@ -177,6 +220,7 @@ class Tensor:
         "_version",
         "_inplace_op",
         "_retains_grad",
+        "name",
         "__weakref__",
     )
     __array_priority__ = 1000  # ndarray (op) Tensor -> Tensor's reflected op
@@ -189,6 +233,7 @@ class Tensor:
         self._version = 0
         self._inplace_op = ""
         self._retains_grad = False
+        self.name: str | None = None  # a label for figures and messages (nn names parameters)
         if self.requires_grad and not np.issubdtype(self.data.dtype, np.floating):
             raise TypeError(f"only floating point tensors can require gradients, got {self.dtype}")
 
@@ -199,6 +244,11 @@ class Tensor:
     size = property(lambda self: self.data.size)
     T = property(lambda self: self.transpose())
     is_leaf = property(lambda self: self._node is None)
+
+    @property
+    def grad_fn(self) -> GradFn | None:
+        """How this tensor was made, read-only: None for a leaf (made by hand, not by an op)."""
+        return None if self._node is None else GradFn(self._node)
 
     def numpy(self) -> np.ndarray:
         return self.data
@@ -877,6 +927,7 @@ def ones_like(x: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
 
 __all__ = [
     "DEFAULT_DTYPE",
+    "GradFn",
     "Node",
     "Tensor",
     "arange",

@@ -6,6 +6,7 @@ Matplotlib with the Agg backend (no screen needed).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -609,4 +610,312 @@ def cls_attention(
     for k, name in enumerate(map_names):
         axes[k + 1, 0].set_ylabel(name, fontsize=8)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+# --- the graph behind a tensor (issue #11: stepping through the source; lesson 01) -------------
+
+
+@dataclass
+class GraphNode:
+    """One tensor of a graph: `kind` is "op" (made by an op), "param" (a module's Parameter),
+    "input" (another leaf that requires grad) or "const" (a leaf without grad); `layer` counts
+    ops from the output (0) by the longest path; `position` is its order among the layer's
+    tensors (left to right), `x` where it is drawn."""
+
+    tensor: Any
+    kind: str
+    label: str
+    layer: int = 0
+    position: int = 0
+    x: float = 0.0
+
+
+@dataclass
+class GraphLayout:
+    """`nodes[0]` is the output; `edges` are (input, result) pairs of node indices, one per pair
+    however often the op used that input; `routes[edge]` are the (x, layer) points its line passes
+    through (one per layer crossed, so long edges bend around nodes); `crossings` counts edges
+    that cross between neighbouring layers."""
+
+    nodes: list[GraphNode]
+    edges: list[tuple[int, int]]
+    routes: dict[tuple[int, int], list[tuple[float, int]]]
+    crossings: int
+
+    @property
+    def depth(self) -> int:
+        return 1 + max(n.layer for n in self.nodes)
+
+
+def _graph_label(t: Any, kind: str) -> str:
+    shape = "(" + ", ".join(str(n) for n in t.shape) + ("," if t.ndim == 1 else "") + ")"
+    what = f"{shape} {t.dtype}"
+    if kind == "op":
+        head = t.grad_fn.op if t.name is None else f"{t.name} = {t.grad_fn.op}"
+    elif kind == "const":
+        head = t.name or (f"{t.item():.4g}" if t.size == 1 else "const")
+        what = "" if t.size == 1 and t.name is None else what
+    else:
+        head = t.name or "input"
+    lines = [head, what] if what else [head]
+    if t.grad is not None:
+        lines.append(f"grad {tuple(t.grad.shape)}")
+    return "\n".join(lines)
+
+
+def graph_layers(tensor: Any, constants: bool = True, sweeps: int = 8) -> GraphLayout:
+    """Lay out the graph that produced `tensor` in layers, for `draw_graph`; no drawing.
+
+    1. Collect every tensor reachable from the output through `grad_fn.inputs`, each once;
+       a constant (a leaf without grad, e.g. the cached 0.5 of x * 0.5) once beside each op
+       that uses it, not as one node with lines across the whole graph.
+    2. Longest-path layering from the output: layer(output) = 0, and a tensor sits one layer
+       below the deepest op that uses it, layer(t) = 1 + max over its users. Every edge then
+       goes from a deeper layer to a shallower one, and a weight sits right next to its op.
+    3. An edge that spans several layers gets a waypoint in each layer between (Sugiyama).
+    4. Order each layer by the barycentre (mean position) of its neighbours in the layer above,
+       then below, `sweeps` times, keeping the order with the fewest crossings.
+    5. x coordinates: each node pulled toward the mean x of its neighbours, in order, without
+       overlapping (the mean of a left-to-right and a right-to-left placement), 3 x `sweeps`
+       times.
+    constants=False leaves out leaves that do not require grad (0.5 in x * 0.5, the data).
+    """
+    from .nn.module import Parameter  # viz needs only the class, to tell weights apart
+
+    if not hasattr(tensor, "grad_fn"):
+        raise TypeError(f"graph_layers: expected a tinymm Tensor, got {type(tensor).__name__}")
+    if not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"graph_layers: sweeps must be an integer >= 0, got {sweeps!r}")
+    # 1. the tensors, each once, and the distinct (input, result) edges
+    index, tensors, edges, known = {id(tensor): 0}, [tensor], [], set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        fn = t.grad_fn
+        if fn is None:
+            continue
+        if fn.released:
+            raise RuntimeError(
+                f"graph_layers: backward() released the graph behind '{fn.op}'; draw it before "
+                "backward, or call backward(retain_graph=True)"
+            )
+        for inp in fn.inputs:
+            constant = inp.grad_fn is None and not inp.requires_grad
+            if constant and not constants:
+                continue
+            key = (id(inp), id(t)) if constant else id(inp)  # a constant: once beside each user
+            if key not in index:
+                index[key] = len(tensors)
+                tensors.append(inp)
+                stack.append(inp)
+            edge = (index[key], index[id(t)])
+            if edge not in known:
+                known.add(edge)
+                edges.append(edge)
+    n = len(tensors)
+    inputs_of = [[] for _ in range(n)]
+    users = [0] * n
+    for src, dst in edges:
+        inputs_of[dst].append(src)
+        users[src] += 1
+
+    # 2. longest path from the output: a tensor's layer is fixed once all its users have theirs
+    layer = [0] * n
+    ready = [0]
+    while ready:
+        i = ready.pop()
+        for j in inputs_of[i]:
+            layer[j] = max(layer[j], layer[i] + 1)
+            users[j] -= 1
+            if users[j] == 0:
+                ready.append(j)
+
+    # 3. waypoints: items 0..n-1 are tensors, n.. are waypoints of long edges
+    item_layer = list(layer)
+    chains = {}  # edge -> its items from the result (shallow) down to the input (deep)
+    for src, dst in edges:
+        chain = [dst]
+        for k in range(layer[dst] + 1, layer[src]):
+            item_layer.append(k)
+            chain.append(len(item_layer) - 1)
+        chain.append(src)
+        chains[(src, dst)] = chain
+    up = [[] for _ in item_layer]  # neighbours one layer shallower
+    down = [[] for _ in item_layer]  # neighbours one layer deeper
+    for chain in chains.values():
+        for a, b in zip(chain[:-1], chain[1:], strict=True):
+            down[a].append(b)
+            up[b].append(a)
+    depth = max(item_layer) + 1
+    # first order: as met going down from the output
+    rows: list[list[int]] = [[] for _ in range(depth)]
+    rows[0] = [0]
+    placed = {0}
+    for k in range(depth - 1):
+        for a in rows[k]:
+            for b in down[a]:
+                if b not in placed:
+                    placed.add(b)
+                    rows[k + 1].append(b)
+
+    # 4. barycentre sweeps
+    def crossings(rows: list[list[int]]) -> int:
+        total = 0
+        for k in range(depth - 1):
+            pos = {b: p for p, b in enumerate(rows[k + 1])}
+            pairs = [(p, pos[b]) for p, a in enumerate(rows[k]) for b in down[a]]
+            for i, (a1, b1) in enumerate(pairs):
+                total += sum((a1 - a2) * (b1 - b2) < 0 for a2, b2 in pairs[i + 1 :])
+        return total
+
+    def reorder(row: list[int], neighbours: list[list[int]], pos: dict[int, int]) -> list[int]:
+        """Sort by the mean position of the neighbours; an item without any keeps its place."""
+        key = {}
+        for p, item in enumerate(row):
+            near = [pos[b] for b in neighbours[item]]
+            key[item] = sum(near) / len(near) if near else p
+        return sorted(row, key=key.__getitem__)
+
+    best, best_crossings = [list(r) for r in rows], crossings(rows)
+    for sweep in range(sweeps):
+        ks = range(1, depth) if sweep % 2 == 0 else range(depth - 2, -1, -1)
+        for k in ks:
+            other = rows[k - 1] if sweep % 2 == 0 else rows[k + 1]
+            pos = {b: p for p, b in enumerate(other)}
+            rows[k] = reorder(rows[k], up if sweep % 2 == 0 else down, pos)
+        count = crossings(rows)
+        if count < best_crossings:
+            best, best_crossings = [list(r) for r in rows], count
+    rows = best
+
+    # 5. x coordinates: widths from the labels, waypoints thin
+    labels = []
+    for t in tensors:
+        if t.grad_fn is not None:
+            kind = "op"
+        elif isinstance(t, Parameter):
+            kind = "param"
+        else:
+            kind = "input" if t.requires_grad else "const"
+        labels.append((kind, _graph_label(t, kind)))
+    half = [_graph_box(label)[0] / 2 for _, label in labels] + [0.08] * (len(item_layer) - n)
+    x = [0.0] * len(item_layer)
+    for row in rows:
+        left = -sum(2 * half[i] + 0.15 for i in row) / 2
+        for i in row:
+            x[i] = left + half[i]
+            left += 2 * half[i] + 0.15
+    for sweep in range(3 * sweeps):
+        for k in range(depth) if sweep % 2 else range(depth - 1, -1, -1):
+            row = rows[k]
+            want = [
+                sum(x[b] for b in up[i] + down[i]) / len(up[i] + down[i])
+                if up[i] + down[i]
+                else x[i]
+                for i in row
+            ]
+            gaps = [half[a] + half[b] + 0.15 for a, b in zip(row[:-1], row[1:], strict=True)]
+            lr, rl = list(want), list(want)
+            for p in range(1, len(row)):
+                lr[p] = max(want[p], lr[p - 1] + gaps[p - 1])
+            for p in range(len(row) - 2, -1, -1):
+                rl[p] = min(want[p], rl[p + 1] - gaps[p])
+            for p, i in enumerate(row):
+                x[i] = (lr[p] + rl[p]) / 2
+
+    position = {i: p for row in rows for p, i in enumerate(j for j in row if j < n)}
+    nodes = [
+        GraphNode(t, kind, label, layer[i], position[i], x[i])
+        for i, (t, (kind, label)) in enumerate(zip(tensors, labels, strict=True))
+    ]
+    routes = {
+        edge: [(x[i], item_layer[i]) for i in reversed(chain)] for edge, chain in chains.items()
+    }
+    return GraphLayout(nodes, edges, routes, best_crossings)
+
+
+def _graph_box(label: str) -> tuple[float, float]:
+    """(width, height) of a node's box in layout units (1 unit = 1.5 in across, 0.8 in down)."""
+    lines = label.split("\n")
+    width = max(0.45, 0.036 * max(len(line) for line in lines) + 0.12)
+    height = (len(lines) * 7.6 + 7) / (0.8 * 72)
+    return width, height
+
+
+_GRAPH_STYLES = {  # kind -> (face colour, edge colour, box style, what the legend calls it)
+    "op": ("#dbe9f6", "#3d6fa8", "round,pad=0.3", "op result (op name, shape, dtype)"),
+    "param": ("#fde0b8", "#b8701e", "round4,pad=0.3", "parameter (its name in the model)"),
+    "input": ("#d7efd0", "#3f8f3a", "square,pad=0.3", "input that requires grad"),
+    "const": ("#ffffff", "#9a9a9a", "square,pad=0.25", "constant (no grad)"),
+}
+
+
+def draw_graph(
+    tensor: Any, path: str | Path, title: str | None = None, constants: bool = True
+) -> Path:
+    """Draw the graph that produced `tensor`, the output at the bottom, forward flowing down.
+
+    Every node is a tensor: ops show their name and the shape and dtype of what they made,
+    parameters their dotted name, leaves and constants their own style (see the legend). After
+    `backward(retain_graph=True)` every tensor that kept a gradient shows its shape. The layout
+    is `graph_layers` (longest-path layers, barycentre order); matplotlib only, no graphviz."""
+    layout = graph_layers(tensor, constants=constants)
+    xs = [n.x for n in layout.nodes] + [x for r in layout.routes.values() for x, _ in r]
+    span = max(xs) - min(xs) + 1.6
+    size = (1.5 * span + 0.5, 0.8 * layout.depth + 1.2)
+    dpi = min(plt.rcParams["figure.dpi"], 30_000 / max(size))  # big graphs: under 30k pixels
+    fig, ax = plt.subplots(figsize=size, dpi=dpi)
+    height = [_graph_box(n.label)[1] for n in layout.nodes]
+    for (src, dst), route in layout.routes.items():
+        points = [(px, py) for px, py in route]
+        points[0] = (points[0][0], points[0][1] - height[src] / 2)  # leave the input's box
+        end = (points[-1][0], points[-1][1] + height[dst] / 2 + 0.03)  # stop at the result's
+        line = np.array(points[:-1] + [end])
+        colour = "0.75" if layout.nodes[src].kind == "const" else "0.45"
+        ax.plot(line[:, 0], line[:, 1], color=colour, lw=0.7, zorder=1)
+        ax.annotate(
+            "",
+            xy=end,
+            xytext=tuple(line[-2]),
+            arrowprops=dict(arrowstyle="-|>", color=colour, lw=0.7, mutation_scale=7),
+            zorder=1,
+        )
+    for i, node in enumerate(layout.nodes):
+        face, edge, box, _ = _GRAPH_STYLES[node.kind]
+        ax.text(
+            node.x,
+            node.layer,
+            node.label,
+            ha="center",
+            va="center",
+            fontsize=5.5 if node.kind == "const" else 6,
+            fontweight="bold" if i == 0 else "normal",
+            bbox=dict(boxstyle=box, fc=face, ec=edge, lw=1.6 if i == 0 else 0.7),
+            zorder=2,
+        )
+    ax.set_xlim(min(xs) - 0.8, max(xs) + 0.8)
+    ax.set_ylim(-0.6, layout.depth - 0.4)
+    ax.set_axis_off()
+    kinds = {n.kind for n in layout.nodes}
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, fc=face, ec=edge, label=name)
+        for kind, (face, edge, _, name) in _GRAPH_STYLES.items()
+        if kind in kinds
+    ]
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=7,
+    )
+    count = {k: sum(n.kind == k for n in layout.nodes) for k in _GRAPH_STYLES}
+    names = {"op": "op", "param": "parameter", "input": "input", "const": "constant"}
+    summary = ", ".join(
+        f"{count[k]} {names[k]}{'' if count[k] == 1 else 's'}" for k in names if count[k]
+    )
+    summary += "; the output (bold) at the bottom"
+    ax.set_title(f"{title}\n{summary}" if title else summary, fontsize=9)
     return _save(fig, path)

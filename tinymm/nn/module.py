@@ -2,11 +2,15 @@
 
 A `Module` registers every `Parameter` and every sub-module assigned to one of its attributes, so
 `model.parameters()` finds all weights of a tree of modules and `state_dict()` names them by
-their path: `blocks.0.attn.q_proj.weight`.
+their path: `blocks.0.attn.q_proj.weight`. Every parameter carries that name as `p.name` (for
+figures, `tinymm.viz.draw_graph`, and error messages, `tinymm.gradcheck.gradcheck_module`): it is
+its name in the outermost module that holds it, kept up to date whenever a parameter or a module
+is assigned anywhere in the tree.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -34,6 +38,7 @@ class Module:
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_parent", None)  # weakref to the module this one is part of
 
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
@@ -46,7 +51,33 @@ class Module:
             self._parameters[name] = value
         elif isinstance(value, Module):
             self._modules[name] = value
+            object.__setattr__(value, "_parent", weakref.ref(self))
         object.__setattr__(self, name, value)
+        if isinstance(value, Parameter | Module):
+            self._root()._name_parameters()
+
+    def _root(self) -> Module:
+        """The outermost module this one is (through its parents) a part of."""
+        module, seen = self, {id(self)}
+        while module._parent is not None and (parent := module._parent()) is not None:
+            if id(parent) in seen:
+                break
+            module = parent
+            seen.add(id(module))
+        return module
+
+    def _name_parameters(self) -> None:
+        """p.name = its dotted name in this module, for every parameter of the tree."""
+        for name, p in self.named_parameters():
+            p.name = name
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy and pickle: no weak references
+        return {**self.__dict__, "_parent": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for module in self._modules.values():  # the copies of the children: parent is the copy
+            object.__setattr__(module, "_parent", weakref.ref(self))
 
     def __delattr__(self, name: str) -> None:
         self._parameters.pop(name, None)
@@ -79,6 +110,38 @@ class Module:
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
+
+    # --- dtype -----------------------------------------------------------------------------------
+    def to(self, dtype: Any) -> Module:
+        """Cast every parameter (and its gradient, if any) to the floating dtype, in place.
+
+        The Parameter objects stay the same (an optimizer or a figure holding them still does),
+        only their `.data` becomes a new array; build an optimizer after the cast, since its
+        buffers keep the old dtype. Returns self, so `model = ViT(...).double()` reads well."""
+        try:
+            target = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"{type(self).__name__}.to: {dtype!r} is not a dtype") from None
+        if target.kind != "f":
+            raise TypeError(
+                f"{type(self).__name__}.to: parameters need a floating dtype "
+                f"(float32, float64), got {target}"
+            )
+        for p in self.parameters():
+            if p.data.dtype != target:
+                p._bump("to")  # a graph that saved p notices that p changed
+                p.data = p.data.astype(target)
+                if p.grad is not None:
+                    p.grad = p.grad.astype(target)
+        return self
+
+    def double(self) -> Module:
+        """Every parameter to float64 (as gradcheck needs): `self.to(np.float64)`."""
+        return self.to(np.float64)
+
+    def float(self) -> Module:
+        """Every parameter to float32, tinymm's default: `self.to(np.float32)`."""
+        return self.to(np.float32)
 
     def zero_grad(self) -> None:
         for p in self.parameters():

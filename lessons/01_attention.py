@@ -28,7 +28,10 @@ And runs/01_attention/attention_graph.png (viz.draw_graph): the graph the engine
 one block of step 3, x = x + attn(ln1(x)); x = x + mlp(ln2(x)). Every op with the shape it
 makes, every weight with its name in the model (text.blocks.0.attn.q_proj.weight is W^Q of
 step 1). Each op node is what `tensor.grad_fn` shows (op, inputs, saved); backward walks these
-arrows the other way.
+arrows the other way. attention_graph_reference.png is the same block in reference mode
+(tm.reference_mode(), what `--reference` runs everywhere): each fused node (layer_norm,
+attention, gelu, linear) opens into the composition functional.py writes, e.g. attention into
+Q K^T / sqrt(d), softmax's max, exp, sum and divide, and the product with V.
 """
 
 import time
@@ -173,7 +176,15 @@ block_out.name = "block output"
 graph = viz.draw_graph(
     block_out, args.out / "attention_graph.png", title="one pre-norm transformer block"
 )
-print(f"figures: {args.out / 'loss.png'}, {path}, {graph}")
+with tm.reference_mode():  # the same block, every fused op as its plain composition
+    block_out = model.text.blocks[0](z, causal=True)
+block_out.name = "block output"
+viz.draw_graph(
+    block_out,
+    args.out / "attention_graph_reference.png",
+    title="the same block in reference mode: each fused op as its composition",
+)
+print(f"figures: {args.out / 'loss.png'}, {path}, {graph}, attention_graph_reference.png")
 
 result_line(
     {

@@ -15,7 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = {  # lesson -> (result keys besides seconds/seed, figures it must save)
-    "01_attention": ({"test_accuracy"}, {"loss.png", "attention.png", "attention_graph.png"}),
+    "01_attention": (
+        {"test_accuracy"},
+        {"loss.png", "attention.png", "attention_graph.png", "attention_graph_reference.png"},
+    ),
     "02_vit": (
         {"test_accuracy", "mlp_test_accuracy", "mlp_shifted_accuracy", "vit_shifted_accuracy"},
         {"patches.png", "pos_embedding.png", "cls_attention.png", "confusion.png", "loss.png"},

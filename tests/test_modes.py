@@ -213,3 +213,27 @@ def test_an_attention_block_trains_the_same_in_both_readings():
                 run.append(loss.item())
         losses.append(run)
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def test_the_readme_pdb_session_stops_where_it_says():
+    """The README's "Two readings, and stepping through" session, command for command."""
+    readme = (ROOT / "README.md").read_text()
+    session = readme[readme.index("$ python -m pdb lessons/02_vit.py --quick") :]
+    session = session[: session.index("```")]
+    commands = [ln[len("(Pdb) ") :] for ln in session.splitlines() if ln.startswith("(Pdb) ")]
+    stops = [ln.split()[1] for ln in session.splitlines() if ln.startswith("> ")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pdb", "lessons/02_vit.py", "--quick", "--out", "/tmp/pdb02"],
+        input="\n".join([*commands, "quit"]) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    out = proc.stdout
+    missing = [stop for stop in stops if stop not in out]
+    assert not missing, (missing, out[-3000:], proc.stderr[-2000:])
+    positions = [out.index(stop) for stop in stops]  # each stop, in the README's order
+    assert positions == sorted(positions), out[-3000:]
+    assert "(65, 16640)" in out and "((64, 4, 65, 12), (64, 4, 65, 12))" in out, out[-3000:]
+    assert "node.backward(g)" in out and "softmax_backward" in out

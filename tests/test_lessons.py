@@ -148,3 +148,13 @@ def run_lesson_command(command: list[str]) -> tuple[dict, str]:
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("result: "), last
     return json.loads(last[len("result: ") :]), proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(LESSONS))
+def test_every_lesson_runs_in_reference_mode(name, tmp_path):
+    """--reference: the plain compositions end to end (a few steps; slower, the same contract)."""
+    script = str(ROOT / "lessons" / f"{name}.py")
+    result, output = run_lesson_command(
+        [sys.executable, script, "--quick", "--reference", "--steps", "3", "--out", str(tmp_path)]
+    )
+    assert "reference mode" in output and result["seed"] == 0

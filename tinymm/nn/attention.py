@@ -20,7 +20,11 @@ from .module import Module
 
 
 class MultiHeadAttention(Module):
-    """Self- or cross-attention with `heads` heads over sequences (N, L, dim)."""
+    """Self- or cross-attention with `heads` heads over sequences (N, L, dim).
+
+    As PyTorch's nn.MultiheadAttention with batch_first=True (PyTorch's default is (L, N, dim));
+    a boolean mask means True = may attend, the opposite of PyTorch's attn_mask convention for
+    booleans (where True = masked out); `causal=True` is its is_causal."""
 
     def __init__(self, dim: int, heads: int, bias: bool = True):
         super().__init__()

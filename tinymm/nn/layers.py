@@ -21,7 +21,8 @@ def _uniform(shape: tuple, bound: float) -> Parameter:
 class Linear(Module):
     """z = x W + b with W (in, out), as the lecture's z_p = x_p E.
 
-    Init as PyTorch: W and b ~ U(-1/sqrt(in), 1/sqrt(in)).
+    Init as PyTorch: W and b ~ U(-1/sqrt(in), 1/sqrt(in)). PyTorch's nn.Linear stores the
+    transpose, weight (out, in), and computes x W^T + b: the same layer, the other layout.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
@@ -88,9 +89,10 @@ class GroupNorm(Module):
 
 
 class Dropout(Module):
-    """Zero activations with probability p while training; identity in eval mode."""
+    """Zero activations with probability p while training; identity in eval mode.
+    p = 0.5 by default, as PyTorch's nn.Dropout."""
 
-    def __init__(self, p: float = 0.1):
+    def __init__(self, p: float = 0.5):
         super().__init__()
         if not 0 <= p < 1:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
@@ -105,6 +107,9 @@ class Dropout(Module):
 
 class Conv2d(Module):
     """2-D convolution of channels-last images; weight (k, k, C_in, C_out).
+
+    PyTorch's nn.Conv2d takes (N, C, H, W) and stores weight (C_out, C_in, k, k); tinymm keeps
+    images as the lecture writes them, (N, H, W, C), and the weight in matching order.
 
     Init as PyTorch: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C_in * k * k.
     """

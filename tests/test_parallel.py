@@ -1,4 +1,5 @@
-"""tinymm.parallel: splitting work over two threads changes no result."""
+"""tinymm.parallel: splitting work over threads (1, 2, 3, 4, more than the cores) changes no
+result."""
 
 import os
 import shutil
@@ -125,14 +126,17 @@ def test_one_thread_where_the_process_has_one_core_or_asks_for_one():
 
     assert threads(TINYMM_THREADS="1") == 1
     if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        assert threads() == 2
+        assert threads() == len(os.sched_getaffinity(0))  # every core the process may use
+        assert threads(TINYMM_THREADS="2") == 2  # capped
+        assert threads(TINYMM_THREADS="999") == len(os.sched_getaffinity(0))
         if shutil.which("taskset"):
             assert threads("taskset", "-c", "0") == 1
 
 
 def test_threads_setting():
-    with pytest.raises(ValueError, match="1 or 2"):
-        parallel.set_threads(3)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            parallel.set_threads(bad)
     before = parallel.threads()
     parallel.set_threads(1)
     assert parallel.threads() == 1
@@ -197,3 +201,33 @@ def test_attention_is_the_same_on_one_thread_and_two(split_everything, q_shape, 
     parallel.set_threads(1)
     for a, b in zip(two, run(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 4, 7])
+def test_any_number_of_threads_gives_the_same_results(monkeypatch, n_threads):
+    """Shares of rows cover every row once, in order; matmuls, a training step and attention
+    equal their one-thread results, with up to 7 threads on however many cores there are."""
+    monkeypatch.setattr(parallel, "MIN_SIZE", 0)
+    monkeypatch.setattr(parallel, "MIN_MACS", 0)
+    before = parallel.threads()
+    try:
+        parallel.set_threads(n_threads)
+        seen = []
+        parallel.rows(lambda r: seen.append(r), np.zeros((10, 2)))
+        covered = sorted(i for r in seen for i in np.arange(10)[r])
+        assert covered == list(range(10)) and len(seen) == min(n_threads, 10)
+        rng = np.random.default_rng(n_threads)
+        a, b = rng.standard_normal((13, 6)), rng.standard_normal((6, 4))
+        np.testing.assert_allclose(parallel.matmul(a, b), a @ b, rtol=1e-12)
+        results, x = {}, tm.tensor(rng.standard_normal((3, 9, 16)))
+        for threads in (1, n_threads):
+            parallel.set_threads(threads)
+            tm.manual_seed(0)
+            block = tm.nn.TransformerBlock(16, 4)
+            loss = (block(x, causal=True) ** 2).mean()
+            loss.backward()
+            results[threads] = (loss.item(), block.attn.q_proj.weight.grad.copy())
+        np.testing.assert_allclose(results[1][0], results[n_threads][0], rtol=1e-6)
+        np.testing.assert_allclose(results[1][1], results[n_threads][1], rtol=1e-4, atol=1e-6)
+    finally:
+        parallel.set_threads(before)

@@ -102,10 +102,26 @@ def test_torch_vit_is_the_same_model():
         logits = twin(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
 
+    # torch's nn.MultiheadAttention packs W^Q, W^K, W^V into one in-projection: the same function
+    packed = torch_vit(torch, **TINY_VIT, attention="mha")
+    state = {k: v for k, v in twin.state_dict().items() if ".attn." not in k}
+    for i in range(TINY_VIT["depth"]):
+        attn = f"blocks.{i}.attn."
+        qkv = [twin.state_dict()[f"{attn}{p}_proj.{w}"] for p in "qkv" for w in ("weight", "bias")]
+        state[f"{attn}mha.in_proj_weight"] = torch.cat(qkv[0::2])
+        state[f"{attn}mha.in_proj_bias"] = torch.cat(qkv[1::2])
+        for w in ("weight", "bias"):
+            state[f"{attn}mha.out_proj.{w}"] = twin.state_dict()[f"{attn}out_proj.{w}"]
+    packed.load_state_dict(state)
+    with torch.no_grad():
+        logits = packed(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
 
 KEYS = (
     "blas_gflops_256 blas_gflops_512 blas_gflops_1024 blas_peak_gflops node_us tiny_step_ms "
-    "vit_step_ms vit_gflops vit_peak_fraction vit_graph_nodes conv_ms conv_gflops attention_ms "
+    "vit_step_ms vit_wide_step_ms vit_gflops vit_peak_fraction vit_graph_nodes conv_ms "
+    "conv_gflops attention_ms "
     "blas_threads tinymm_threads seconds"
 ).split()
 

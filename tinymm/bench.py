@@ -26,20 +26,22 @@ What each number means:
    neighbouring blocks. **ratio < 1: tinymm is faster; ratio > 1: tinymm is slower.**
    - tinymm and torch take turns block by block (tinymm, torch, tinymm, ...) in one process,
      so both see the same load; a ratio is steadier than either time on a busy machine.
-   - torch.set_num_threads(n) with n = the threads tinymm uses (`tinymm.parallel` splits big
-     matmuls and fused kernels over 2 threads; OpenBLAS itself has 1), so both use as many cores.
+   - torch keeps its default number of threads for the whole run (changing it between blocks
+     slows torch's next blocks and flatters tinymm); tinymm uses its own (`tinymm.parallel`).
    - The torch ViT below is the same model: the same patch order, separate q/k/v projections,
      pre-norm blocks, tanh-GELU, learned position embedding, [CLS], head MLP(dim, dim, classes),
-     torch.optim.AdamW with its defaults for CPU tensors.
+     torch.optim.AdamW with its defaults for CPU tensors; and again with torch's own
+     nn.MultiheadAttention (`ratio_vit_step_mha`). Both at batch 64, width 64 and at batch 32,
+     width 96 (`vit_wide_step_*`).
    - conv uses torch's channels_last memory format: the NCHW tensor torch sees is a view of the
      same NHWC bytes (`permute(0, 3, 1, 2)`), so neither side converts the layout.
    - attention uses torch.nn.functional.scaled_dot_product_attention.
 
 Times are wall-clock medians over blocks of calls, after warm-up. By default tinymm works on two
-threads (`tinymm/parallel.py`) with one OpenBLAS thread (`runtime.tune()`), and torch gets
-two; `TINYMM_THREADS=1 python -m tinymm.bench` measures both on one. tinymm's second thread
-sleeps between jobs, so on a busy machine (the table shows the load average) it costs little;
-torch's OpenMP threads and multi-threaded BLAS wait for cores and slow down many times over.
+threads (`tinymm/parallel.py`, one per core) with one OpenBLAS thread (`runtime.tune()`), and
+torch on its default threads; `TINYMM_THREADS=1 python -m tinymm.bench` puts tinymm on one.
+tinymm's workers sleep between jobs, so on a busy machine (the table shows the load average)
+they cost little; torch's OpenMP threads spin, wait for cores and slow down many times over.
 Absolute times under load are inflated; the ratios, measured side by side, hold up better.
 """
 
@@ -68,6 +70,8 @@ REFERENCE_VIT = dict(
     image_size=32, patch_size=4, channels=3, dim=64, depth=4, heads=4, mlp_ratio=2, num_classes=10
 )
 REFERENCE_BATCH = 64
+WIDE_VIT = {**REFERENCE_VIT, "dim": 96}  # the second configuration: batch 32, width 96
+WIDE_BATCH = 32
 TINY_VIT = dict(
     image_size=8, patch_size=4, channels=3, dim=8, depth=2, heads=2, mlp_ratio=2, num_classes=10
 )
@@ -346,9 +350,13 @@ def torch_vit(
     heads: int,
     mlp_ratio: float,
     num_classes: int,
+    attention: str = "sdpa",
 ) -> Any:
     """tinymm.models.ViT in PyTorch: the same layers under the same state_dict names (torch's
-    Linear weights are (out, in), the transpose of tinymm's), the same patch order and shapes."""
+    Linear weights are (out, in), the transpose of tinymm's), the same patch order and shapes.
+    attention="sdpa": separate q/k/v projections and F.scaled_dot_product_attention (the same
+    state_dict as tinymm's); "mha": torch.nn.MultiheadAttention(batch_first=True), the module a
+    PyTorch user would reach for (one packed in-projection; the same function)."""
     tnn, tF = torch.nn, torch.nn.functional
 
     class MLP(tnn.Module):  # fc2(gelu_tanh(fc1(x))), as tinymm.nn.MLP
@@ -375,10 +383,22 @@ def torch_vit(
             out = tF.scaled_dot_product_attention(q, k, v)
             return self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
 
+    class PackedAttention(tnn.Module):  # torch's own module
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = tnn.MultiheadAttention(dim, heads, batch_first=True)
+
+        def forward(self, x: Any) -> Any:
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    if attention not in ("sdpa", "mha"):
+        raise ValueError(f"torch_vit: attention must be 'sdpa' or 'mha', got {attention!r}")
+
     class Block(tnn.Module):  # pre-norm: x + attn(ln1(x)), then x + mlp(ln2(x))
         def __init__(self) -> None:
             super().__init__()
-            self.ln1, self.attn = tnn.LayerNorm(dim), Attention()
+            self.ln1 = tnn.LayerNorm(dim)
+            self.attn = Attention() if attention == "sdpa" else PackedAttention()
             self.ln2, self.mlp = tnn.LayerNorm(dim), MLP(dim, int(dim * mlp_ratio), dim)
 
         def forward(self, x: Any) -> Any:
@@ -409,9 +429,11 @@ def torch_vit(
     return TorchViT()
 
 
-def torch_train_step(torch: Any, config: dict, batch: int) -> Callable[[], None]:
+def torch_train_step(
+    torch: Any, config: dict, batch: int, attention: str = "sdpa"
+) -> Callable[[], None]:
     torch.manual_seed(0)
-    model = torch_vit(torch, **config)
+    model = torch_vit(torch, **config, attention=attention)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images, labels = (torch.from_numpy(a) for a in _images(config, batch))
 
@@ -474,19 +496,37 @@ def bench_overhead(cfg: dict, torch: Any = None) -> dict[str, float]:
 
 
 def bench_vit(cfg: dict, peak_gflops: float, torch: Any = None) -> dict[str, float]:
-    """vit_step_ms, vit_gflops (analytic, 3 x forward) and vit_peak_fraction."""
-    step, loss = tinymm_train_step(REFERENCE_VIT, REFERENCE_BATCH)
-    fns = {"tinymm": step}
-    if torch is not None:
-        fns["torch"] = torch_train_step(torch, REFERENCE_VIT, REFERENCE_BATCH)
-    out = summarise(time_blocks(fns, **cfg), "vit_step_ms", 1e3)
+    """vit_step_ms, vit_gflops (analytic, 3 x forward) and vit_peak_fraction; with torch, its
+    step with F.scaled_dot_product_attention (torch_vit_step_ms, ratio_vit_step) and with
+    nn.MultiheadAttention (torch_vit_step_mha_ms, ratio_vit_step_mha); the same for the second
+    configuration, batch 32 and width 96 (vit_wide_step_ms, ratio_vit_wide_step, ..._mha)."""
+    out: dict[str, float] = {}
+    for key, config, batch in (
+        ("vit_step", REFERENCE_VIT, REFERENCE_BATCH),
+        ("vit_wide_step", WIDE_VIT, WIDE_BATCH),
+    ):
+        step, loss = tinymm_train_step(config, batch)
+        fns = {"tinymm": step}
+        if torch is not None:
+            fns["torch"] = torch_train_step(torch, config, batch)
+            fns["torch_mha"] = torch_train_step(torch, config, batch, attention="mha")
+        times = time_blocks(fns, **cfg)
+        mha = times.pop("torch_mha", None)
+        out |= summarise(times, f"{key}_ms", 1e3)
+        if mha is not None:
+            out |= {
+                k.replace(key, f"{key}_mha"): v
+                for k, v in summarise({**times, "torch": mha}, f"{key}_ms", 1e3).items()
+                if k.startswith(("torch_", "ratio_"))
+            }
+        if key == "vit_step":
+            out["vit_graph_nodes"] = graph_nodes(loss())
     step_gflop = 3 * vit_flops(REFERENCE_BATCH, **REFERENCE_VIT) / 1e9
     out["vit_step_gflop"] = step_gflop
     out["vit_gflops"] = step_gflop / (out["vit_step_ms"] / 1e3)
     out["vit_peak_fraction"] = out["vit_gflops"] / peak_gflops
     if torch is not None:
         out["torch_vit_gflops"] = step_gflop / (out["torch_vit_step_ms"] / 1e3)
-    out["vit_graph_nodes"] = graph_nodes(loss())
     return out
 
 
@@ -554,7 +594,7 @@ def table(r: dict[str, float], info: dict[str, Any]) -> str:
         f"{info['tinymm_threads']} threads",
     ]
     if "torch" in info:
-        lines.append(f"torch {info['torch']}, torch.set_num_threads({_threads_used(info)})")
+        lines.append(f"torch {info['torch']}, its default {info['torch_threads']} threads")
     if max(info["load"], info["load_end"]) > info["cores"] and _threads_used(info) > 1:
         lines.append(
             "note: the machine is busy (load > cores): threads wait for cores (torch's and BLAS's "
@@ -564,11 +604,19 @@ def table(r: dict[str, float], info: dict[str, Any]) -> str:
     header = f"{'':44}{'tinymm':>14}" + (f"{'torch':>14}{'tinymm/torch':>14}" if has_torch else "")
     lines += ["", header, "-" * len(header)]
 
-    def row(label: str, key: str, unit: str, fmt: str = ".1f", ratio: str | None = None) -> None:
+    def row(
+        label: str,
+        key: str,
+        unit: str,
+        fmt: str = ".1f",
+        ratio: str | None = None,
+        torch_key: str | None = None,
+    ) -> None:
         cell = lambda value: f"{value:{fmt}} {unit}".strip().rjust(14)  # noqa: E731
-        text = f"{label:44}{cell(r[key])}"
-        if has_torch and f"torch_{key}" in r:
-            text += cell(r[f"torch_{key}"])
+        torch_key = torch_key or f"torch_{key}"
+        text = f"{label:44}{cell(r[key]) if torch_key == f'torch_{key}' else ' ' * 14}"
+        if has_torch and torch_key in r:
+            text += cell(r[torch_key])
             if ratio:
                 text += f"{r[ratio]:>14.2f}"
         lines.append(text)
@@ -587,6 +635,17 @@ def table(r: dict[str, float], info: dict[str, Any]) -> str:
         "   tiny ViT training step (dim 8, batch 2)", "tiny_step_ms", "ms", ".2f", "ratio_tiny_step"
     )
     row("3. ViT training step (batch 64, dim 64)", "vit_step_ms", "ms", ".1f", "ratio_vit_step")
+    mha = "   (torch with nn.MultiheadAttention)"
+    row(mha, "vit_step_ms", "ms", ".1f", "ratio_vit_step_mha", "torch_vit_step_mha_ms")
+    row("   batch 32, dim 96", "vit_wide_step_ms", "ms", ".1f", "ratio_vit_wide_step")
+    row(
+        mha,
+        "vit_wide_step_ms",
+        "ms",
+        ".1f",
+        "ratio_vit_wide_step_mha",
+        "torch_vit_wide_step_mha_ms",
+    )
     row(f"   achieved, of {r['vit_step_gflop']:.2f} GFLOP/step", "vit_gflops", "GFLOP/s")
     row("   fraction of BLAS peak", "vit_peak_fraction", "", ".3f")
     row("   graph nodes (forward + loss)", "vit_graph_nodes", "", ".0f")
@@ -604,9 +663,9 @@ def run(quick: bool = False, torch: Any = None) -> tuple[dict[str, float], dict[
     cfg = QUICK if quick else FULL
     info = machine()
     info["mode"] = "quick" if quick else "full"
-    if torch is not None:
-        torch.set_num_threads(_threads_used(info))
+    if torch is not None:  # torch keeps its own default threads, for the whole run
         info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
     r = bench_blas(cfg)
     r |= bench_overhead(cfg, torch)
     r |= bench_vit(cfg, r["blas_peak_gflops"], torch)

@@ -27,9 +27,11 @@ A mean does not depend on the order of its terms, so FrameBag gives the same out
 permutation of the frames (and for the clip played backwards).
 
 AudioVisualTransformer fuses two modalities in one sequence, as the lecture's Z = [Z_img, Z_text],
-with the soundtrack as the second modality: the video tokens of steps 1-3 and the log-mel
-spectrogram's patch tokens (a 1-channel image, as in the audio lesson: patchify, E_audio, its
-own learned positions), each plus a learned modality embedding, after one [CLS]:
+with the soundtrack as the second modality. As a VLM takes Z_img from a trained image encoder,
+the streams come from their encoders (`stream_tokens`): a VideoTransformer's tubelet token
+states and a ViT's patch token states over the log-mel spectrogram (a 1-channel image, as in
+the audio lesson), each led by the encoder's embedding of its whole input. Each gets a learned
+modality embedding, and one [CLS] goes first:
     Z = [z_cls; Z_video + m_video; Z_audio + m_audio]
 then joint attention and a match / no-match head on [CLS].
 
@@ -42,7 +44,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import functional as F
 from .. import nn
 from ..tensor import Tensor, concatenate
 from .vit import ViT, _normal
@@ -204,41 +205,32 @@ class FrameBag(nn.Module):
         return self.head(bag)
 
 
-class AudioVisualTransformer(nn.Module):
-    """Video and soundtrack in one sequence: [z_cls; Z_video + m_video; Z_audio + m_audio],
-    joint attention, a match / no-match head (2 logits) on [CLS].
-
-    Audio: log-mel spectrograms as 1-channel images (N, n_mels, frames, 1), cut into
-    audio_patch x audio_patch patches (F.patchify), z_j = x_j E_audio + E_audio_pos[j]."""
-
-    def __init__(
-        self,
-        frames: int,
-        image_size: int,
-        tubelet: tuple[int, int],
-        spectrogram_size: tuple[int, int],
-        audio_patch: int,
-        channels: int = 3,
-        dim: int = 64,
-        depth: int = 2,
-        heads: int = 4,
-        mlp_ratio: float = 2,
-    ):
-        super().__init__()
-        mels, steps = spectrogram_size
-        q = audio_patch
-        if q < 1 or mels % q or steps % q:
-            raise ValueError(
-                f"AudioVisualTransformer: audio_patch {q} does not divide the spectrogram "
-                f"size {mels}x{steps}"
-            )
-        self.spectrogram_size, self.audio_patch = (mels, steps), q
-        self.audio_grid = (mels // q, steps // q)  # (frequency, time)
-        self.video_embedding = TubeletEmbedding(frames, image_size, tubelet, channels, dim)
-        self.audio_embedding = nn.Linear(q * q, dim)  # E_audio: (q^2 x 1 channel) x D
-        self.audio_pos_embedding = nn.Parameter(
-            _normal((self.audio_grid[0] * self.audio_grid[1], dim))
+def stream_tokens(encoder: nn.Module, x: Any) -> Tensor:
+    """One modality's tokens for fusion, from its encoder (a VideoTransformer or a ViT):
+    [e; z_1; ...; z_L] with e = head(z_cls^L) the encoder's embedding of the whole input
+    (trained contrastively in lesson 07), then its patch / tubelet token states: (N, 1 + L, D).
+    The head must map D -> D."""
+    z = encoder.encode(x)  # (N, 1 + L, D), [CLS] first
+    embedding = encoder.head(z[:, 0])  # (N, D)
+    if embedding.shape[-1] != z.shape[-1]:
+        raise ValueError(
+            f"stream_tokens: the encoder's head gives {embedding.shape[-1]} numbers, its tokens "
+            f"have {z.shape[-1]}: build it with num_classes = dim"
         )
+    return concatenate([embedding.reshape(len(embedding.data), 1, -1), z[:, 1:]], axis=1)
+
+
+class AudioVisualTransformer(nn.Module):
+    """Two modalities in one sequence, as the lecture's Z_joint = [Z_img, Z_text] with the sound
+    as the second modality:
+        Z = [z_cls; Z_video + m_video; Z_audio + m_audio]
+    (learned modality embeddings m), joint attention over all tokens, and a match / no-match
+    head (2 logits) on [CLS]. The streams' tokens come from their encoders (`stream_tokens`):
+    video (N, L_v, D), audio (N, L_a, D)."""
+
+    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: float = 2):
+        super().__init__()
+        self.dim = dim
         self.modality_embedding = nn.Parameter(_normal((2, dim)))  # m_video, m_audio
         self.cls_token = nn.Parameter(_normal((1, 1, dim)))
         self.blocks = nn.ModuleList(
@@ -247,29 +239,22 @@ class AudioVisualTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(dim)
         self.head = nn.MLP(dim, dim, 2)  # no match / match
 
-    def audio_tokens(self, spectrograms: Any) -> Tensor:
-        """(N, n_mels, frames, 1) log-mel images -> (N, L_audio, D), patches row by row."""
-        spectrograms = spectrograms if isinstance(spectrograms, Tensor) else Tensor(spectrograms)
-        expected = (*self.spectrogram_size, 1)
-        if spectrograms.ndim != 4 or tuple(spectrograms.shape[1:]) != expected:
-            raise ValueError(
-                f"expected spectrograms of shape (N, {expected[0]}, {expected[1]}, 1), "
-                f"got {tuple(spectrograms.shape)}"
-            )
-        patches = F.patchify(spectrograms, self.audio_patch)  # (N, L_audio, q^2)
-        return self.audio_embedding(patches) + self.audio_pos_embedding
-
-    def encode(self, clips: Any, spectrograms: Any, return_weights: bool = False) -> Any:
-        """Token states (N, 1 + L_video + L_audio, D): [CLS], the video, then the audio."""
-        video = self.video_embedding(clips) + self.modality_embedding[0]
-        sound = self.audio_tokens(spectrograms) + self.modality_embedding[1]
+    def encode(self, video_tokens: Any, audio_tokens: Any, return_weights: bool = False) -> Any:
+        """Token states (N, 1 + L_v + L_a, D): [CLS], the video, then the audio."""
+        video = video_tokens if isinstance(video_tokens, Tensor) else Tensor(video_tokens)
+        sound = audio_tokens if isinstance(audio_tokens, Tensor) else Tensor(audio_tokens)
+        for name, t in (("video_tokens", video), ("audio_tokens", sound)):
+            if t.ndim != 3 or t.shape[-1] != self.dim:
+                raise ValueError(f"{name} must be (N, L, {self.dim}), got {tuple(t.shape)}")
         if video.shape[0] != sound.shape[0]:
             raise ValueError(
-                f"{video.shape[0]} clips but {sound.shape[0]} spectrograms: pairs must align"
+                f"{video.shape[0]} clips but {sound.shape[0]} soundtracks: pairs must align"
             )
-        z = _with_cls(self.cls_token, concatenate([video, sound], axis=1))
-        return _encode(self.blocks, self.ln_final, z, return_weights)
+        z = concatenate(
+            [video + self.modality_embedding[0], sound + self.modality_embedding[1]], axis=1
+        )
+        return _encode(self.blocks, self.ln_final, _with_cls(self.cls_token, z), return_weights)
 
-    def forward(self, clips: Any, spectrograms: Any) -> Tensor:
+    def forward(self, video_tokens: Any, audio_tokens: Any) -> Tensor:
         """Match logits (N, 2): index 1 = the soundtrack belongs to the clip."""
-        return self.head(self.encode(clips, spectrograms)[:, 0])
+        return self.head(self.encode(video_tokens, audio_tokens)[:, 0])

@@ -44,15 +44,27 @@ clips, half of them the clip's own soundtrack played backwards (the soundtrack o
 clip). Neither stream alone can tell: every soundtrack is a real soundtrack, every clip a real
 clip; only whether the pitch moves with the object says "match".
 
-3. The audio stream, as lesson 06: waveform -> STFT (n_fft = 256, hop = 125: 32 frames, 4 per
+3. The sound stream, as lesson 06: waveform -> STFT (n_fft = 256, hop = 125: 32 frames, 4 per
    video frame) -> mel filterbank (32 bands up to 2 kHz) -> dB below the clip's peak
-   (audio.melspectrogram, audio.power_to_db), standardised; a 32 x 32 one-channel image cut
-   into 8 x 8 patches: 4 bands x 4 time steps = 16 audio tokens, each 2 video frames long
-   (F.patchify, AudioVisualTransformer.audio_embedding, audio_pos_embedding).
-4. Fusion as the lecture's Z_joint = [Z_img, Z_text], with the sound as the second modality:
+   (audio.melspectrogram, audio.power_to_db), standardised: a 32 x 32 one-channel image, cut
+   into 8 x 8 patches (4 bands x 4 time steps = 16 tokens, each 2 video frames long) and read
+   by the ViT of lesson 02 (models.ViT, channels=1), the sound encoder.
+4. Each stream first learns to embed, as CLIP (lesson 03) does for images and captions: the
+   video encoder (a VideoTransformer, started from task A's weights) and the sound encoder
+   map a clip and a soundtrack to unit vectors v_i, a_i, and with S_ij = v_i . a_j the
+   symmetric contrastive loss (F.clip_loss, temperature tau = 0.1)
+       L = 1/2 (CE(S / tau, rows) + CE(S^T / tau, columns))
+   pulls each clip towards its own soundtrack and away from the batch's others. (Trained
+   from scratch on match / no-match alone, the fused model below stayed at chance for all of
+   2000 steps when tried: the answer is independent of either stream alone, so at the start
+   no feature of one stream has a gradient until the other stream has a matching feature.
+   The contrastive loss gives each encoder a direct signal.)
+5. Fusion as the lecture's Z_joint = [Z_img, Z_text], with the sound as the second modality:
        Z = [z_cls; Z_video + m_video; Z_audio + m_audio]          (AudioVisualTransformer)
-   with a learned modality embedding m per stream, joint attention over all 81 tokens, and a
-   match / no-match head on [CLS] with cross entropy.
+   Z_video = [v; the 64 tubelet token states], Z_audio = [a; the 16 patch token states]
+   (models.video.stream_tokens), a learned modality embedding m per stream, joint attention
+   over all 83 tokens, and a match / no-match head on [CLS] with cross entropy. The encoders
+   stay fixed here (their tokens are computed once).
 
 What to look at (runs/07_video/):
   clip.png           clips as strips of frames, with the label and the prediction
@@ -60,7 +72,7 @@ What to look at (runs/07_video/):
   cls_attention.png  where [CLS] looks, over space and time (last layer; rollout through all)
   temporal_embedding.png  cosine similarity of the learned E_time: neighbours in time alike
   soundtrack.png     the mel spectrogram of soundtracks next to the object's height
-  loss_*.png         training curves of the three models
+  loss_*.png         training curves: video (task A), frame_bag, contrastive, av (task B)
 """
 
 import time
@@ -84,9 +96,9 @@ SR, N_FFT, HOP, N_MELS = 4000, 256, 125, 32  # 64 ms frames every 31.25 ms: 4 pe
 MEL_FRAMES, AUDIO_PATCH = 32, 8  # 1 s -> 33 centred STFT frames, the first 32 kept
 N_TRAIN, N_TEST = (96, 48) if args.quick else (2000, 400)  # clips, each also played backwards
 VIDEO_STEPS = args.steps or (20 if args.quick else 1000)
-BAG_STEPS = args.steps or (10 if args.quick else 300)
-CLIP_STEPS = args.steps or (10 if args.quick else 800)
-AV_STEPS = args.steps or (20 if args.quick else 1200)
+BAG_STEPS = args.steps or (10 if args.quick else 200)
+CLIP_STEPS = args.steps or (10 if args.quick else 1000)
+AV_STEPS = args.steps or (20 if args.quick else 1600)
 BATCH, CLIP_BATCH, LR = 32, 64, 2e-3
 TAU = 0.1  # temperature of the contrastive loss, fixed
 tm.manual_seed(args.seed)
@@ -341,7 +353,12 @@ paths.append(
         "height h",
     )
 )
-for name, history in [("video", video_history), ("frame_bag", bag_history), ("av", av_history)]:
+for name, history in [
+    ("video", video_history),
+    ("frame_bag", bag_history),
+    ("contrastive", contrastive_history),
+    ("av", av_history),
+]:
     paths.append(viz.training_curves(history, out / f"loss_{name}.png", title=name))
 print("figures:", ", ".join(str(p) for p in paths))
 

@@ -10,11 +10,13 @@ import tinymm as tm
 from tinymm import audio
 from tinymm.data import videos
 from tinymm.gradcheck import gradcheck
+from tinymm.models import ViT
 from tinymm.models.video import (
     AudioVisualTransformer,
     FrameBag,
     TubeletEmbedding,
     VideoTransformer,
+    stream_tokens,
     tubeletify,
 )
 
@@ -182,20 +184,29 @@ def test_the_video_transformer_is_not_blind_to_order():
         assert np.abs(model(clips).data - model(clips[:, ::-1]).data).max() > 1e-4
 
 
-def test_audio_visual_model_shapes_and_errors():
+def test_audio_visual_model_fuses_both_streams_and_names_bad_inputs():
     tm.manual_seed(0)
-    model = AudioVisualTransformer(4, 16, (2, 8), (8, 16), 4, dim=16, depth=1, heads=2)
-    clips = np.zeros((3, 4, 16, 16, 3), np.float32)
-    mels = np.zeros((3, 8, 16, 1), np.float32)
-    tokens = model.encode(clips, mels)
-    assert tokens.shape == (3, 1 + 2 * 2 * 2 + 2 * 4, 16)
-    assert model(clips, mels).shape == (3, 2)
-    with pytest.raises(ValueError, match=r"spectrograms of shape \(N, 8, 16, 1\)"):
-        model(clips, np.zeros((3, 8, 12, 1), np.float32))
-    with pytest.raises(ValueError, match="3 clips but 2 spectrograms"):
-        model(clips, mels[:2])
-    with pytest.raises(ValueError, match="audio_patch 3 does not divide"):
-        AudioVisualTransformer(4, 16, (2, 8), (8, 16), 3)
+    video_encoder = VideoTransformer(4, 16, (2, 8), dim=16, depth=1, heads=2, num_classes=16)
+    sound_encoder = ViT((8, 16), 4, channels=1, dim=16, depth=1, heads=2, num_classes=16)
+    model = AudioVisualTransformer(dim=16, depth=1, heads=2)
+    clips = np.random.default_rng(0).uniform(size=(3, 4, 16, 16, 3)).astype(np.float32)
+    mels = np.random.default_rng(1).standard_normal((3, 8, 16, 1)).astype(np.float32)
+    video, sound = stream_tokens(video_encoder, clips), stream_tokens(sound_encoder, mels)
+    assert video.shape == (3, 1 + 2 * 2 * 2, 16) and sound.shape == (3, 1 + 2 * 4, 16)
+    np.testing.assert_allclose(  # the first token is the encoder's embedding of the input
+        video.data[:, 0], video_encoder(clips).data, rtol=1e-5, atol=1e-6
+    )
+    assert model.encode(video, sound).shape == (3, 1 + 9 + 9, 16)
+    logits = model(video, sound).data
+    assert logits.shape == (3, 2)
+    # the answer depends on which soundtrack goes with which clip
+    assert np.abs(model(video, sound.data[::-1]).data - logits).max() > 1e-5
+    with pytest.raises(ValueError, match=r"audio_tokens must be \(N, L, 16\)"):
+        model(video, np.zeros((3, 9, 8), np.float32))
+    with pytest.raises(ValueError, match="3 clips but 2 soundtracks"):
+        model(video, sound[:2])
+    with pytest.raises(ValueError, match="build it with num_classes = dim"):
+        stream_tokens(VideoTransformer(4, 16, (2, 8), dim=16, depth=1, heads=2), clips)
 
 
 def test_bad_tubelets_and_clips_are_named():

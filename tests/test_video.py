@@ -214,5 +214,7 @@ def test_bad_tubelets_and_clips_are_named():
         VideoTransformer(8, 16, (3, 8))
     with pytest.raises(ValueError, match="does not divide the clip's 8 frames of 16x12"):
         tubeletify(np.zeros((1, 8, 16, 12, 3)), (2, 8))
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        VideoTransformer(8, 16, (2, 8), num_classes=0)
     with pytest.raises(ValueError, match=r"expected clips of shape \(N, 8, 16, 16, 3\)"):
         VideoTransformer(8, 16, (2, 8))(np.zeros((1, 8, 16, 16, 1), np.float32))

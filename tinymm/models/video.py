@@ -140,7 +140,8 @@ def _with_cls(cls_token: Tensor, z: Tensor) -> Tensor:
 
 class VideoTransformer(nn.Module):
     """ViViT style classifier over clips (N, T, H, W, C): tubelet tokens with space and time
-    positions, [CLS], joint space-time attention, head on [CLS]."""
+    positions, [CLS], joint space-time attention, head on [CLS]. With num_classes = dim the
+    head maps [CLS] to an embedding of the clip (the contrastive video encoder of lesson 07)."""
 
     def __init__(
         self,
@@ -155,6 +156,8 @@ class VideoTransformer(nn.Module):
         num_classes: int = 2,
     ):
         super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"VideoTransformer: num_classes must be >= 1, got {num_classes}")
         self.embedding = TubeletEmbedding(frames, image_size, tubelet, channels, dim)
         self.cls_token = nn.Parameter(_normal((1, 1, dim)))
         self.blocks = nn.ModuleList(

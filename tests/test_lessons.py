@@ -40,6 +40,12 @@ LESSONS = {  # lesson -> (result keys besides seconds/seed, figures it must save
             "loss.png",
         },
     ),
+    "07_video": (
+        {"motion_accuracy", "frame_bag_accuracy", "shuffled_frames_accuracy"}
+        | {"av_match_accuracy", "chance"},
+        {"clip.png", "tubelets.png", "cls_attention.png", "temporal_embedding.png"}
+        | {"soundtrack.png", "loss_video.png", "loss_frame_bag.png", "loss_av.png"},
+    ),
 }
 
 

@@ -919,3 +919,197 @@ def draw_graph(
     summary += "; the output (bold) at the bottom"
     ax.set_title(f"{title}\n{summary}" if title else summary, fontsize=9)
     return _save(fig, path)
+
+
+# --- video (lesson 07) -------------------------------------------------------------------------
+
+
+def clip_strips(
+    clips: np.ndarray,
+    row_titles: Sequence[str],
+    path: str | Path,
+    title: str = "clips, frame by frame",
+) -> Path:
+    """Each clip (n, T, H, W, C) as one row of its T frames, time to the right, with its title
+    (e.g. label and prediction) above the row."""
+    clips = np.clip(np.asarray(clips, dtype=float), 0, 1)
+    n, frames = clips.shape[:2]
+    fig, axes = plt.subplots(
+        n, frames, figsize=(0.95 * frames + 0.4, 1.15 * n + 0.5), squeeze=False
+    )
+    fig.subplots_adjust(wspace=0.05, hspace=0.45, left=0.02, right=0.98, bottom=0.02)
+    for i in range(n):
+        for k in range(frames):
+            ax = axes[i, k]
+            ax.imshow(clips[i, k], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == n - 1:
+                ax.set_xlabel(f"frame {k}", fontsize=7)
+        axes[i, 0].set_title(row_titles[i], fontsize=8, loc="left")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def tubelets(
+    clip: np.ndarray,
+    tubelet: tuple[int, int],
+    path: str | Path,
+    title: str = "a clip cut into tubelets",
+) -> Path:
+    """One clip (T, H, W, C) as a row of frames with the p x p grid drawn on every frame; the
+    t frames of one tubelet share a coloured border, and each cell carries the number of its
+    token (time step, then row, then column, as tubeletify numbers them)."""
+    clip = np.clip(np.asarray(clip, dtype=float), 0, 1)
+    frames, h, w, _ = clip.shape
+    t, p = tubelet
+    gh, gw = h // p, w // p
+    fig, axes = plt.subplots(1, frames, figsize=(1.5 * frames + 0.3, 2.4), squeeze=False)
+    fig.subplots_adjust(wspace=0.08, left=0.01, right=0.99, top=0.72, bottom=0.12)
+    for k, ax in enumerate(axes[0]):
+        step = k // t
+        ax.imshow(clip[k], interpolation="nearest")
+        for line in range(1, gh):
+            ax.axhline(line * p - 0.5, color="white", lw=0.6)
+        for line in range(1, gw):
+            ax.axvline(line * p - 0.5, color="white", lw=0.6)
+        for r in range(gh):
+            for c in range(gw):
+                token = (step * gh + r) * gw + c
+                ax.text(c * p + 0.5, r * p + 0.5, str(token), color="yellow", fontsize=5.5,
+                        va="top", ha="left")  # fmt: skip
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(True)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(f"C{step}")
+            spine.set_linewidth(2.5)
+        ax.set_xlabel(f"frame {k}", fontsize=7)
+        if k % t == 0:
+            ax.set_title(
+                f"time step {step}: frames {k}..{k + t - 1}", fontsize=7.5, loc="left",
+                color=f"C{step}",
+            )  # fmt: skip
+    fig.suptitle(
+        f"{title}\n{frames}x{h}x{w} clip, tubelets of {t} frames x {p}x{p} px -> "
+        f"{frames // t} x {gh} x {gw} = {frames // t * gh * gw} tokens "
+        f"(a 3-D convolution with kernel = stride = {t}x{p}x{p})",
+        fontsize=9,
+    )
+    return _save(fig, path)
+
+
+def space_time_attention(
+    clips: np.ndarray,
+    maps: Sequence[np.ndarray],
+    map_names: Sequence[str],
+    tubelet: tuple[int, int],
+    path: str | Path,
+    titles: Sequence[str] | None = None,
+    title: str = "[CLS] attention over space and time",
+) -> Path:
+    """For each clip (n, T, H, W, C): a row of its frames, then one row per attention map,
+    each (n, T/t, H/p, W/p), drawn over the frames (a tubelet's weight on each of its t
+    frames), scaled to the clip's largest weight over all of space and time."""
+    clips = np.clip(np.asarray(clips, dtype=float), 0, 1)
+    n, frames, h, w, _ = clips.shape
+    t, _ = tubelet
+    rows = n * (1 + len(maps))
+    fig, axes = plt.subplots(
+        rows, frames, figsize=(0.95 * frames + 1.3, 1.0 * rows + 0.5), squeeze=False
+    )
+    fig.subplots_adjust(wspace=0.05, hspace=0.12, left=0.12, right=0.99, bottom=0.02, top=0.93)
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    for i in range(n):
+        base = i * (1 + len(maps))
+        for k in range(frames):
+            axes[base, k].imshow(clips[i, k], interpolation="nearest")
+            for j, m in enumerate(maps):
+                a = np.asarray(m[i], dtype=float)
+                ax = axes[base + 1 + j, k]
+                ax.imshow(clips[i, k], interpolation="nearest")
+                ax.imshow(a[k // t] / max(a.max(), 1e-12), cmap="magma", alpha=0.7, vmin=0,
+                          vmax=1, extent=extent, interpolation="nearest")  # fmt: skip
+        axes[base, 0].set_ylabel(titles[i] if titles else "clip", fontsize=7)
+        for j, name in enumerate(map_names):
+            axes[base + 1 + j, 0].set_ylabel(name, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for k in range(frames):
+        axes[0, k].set_title(f"frame {k}", fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def temporal_similarity(
+    embedding: np.ndarray,
+    path: str | Path,
+    frames_per_step: int = 1,
+    title: str = "cosine similarity of the learned temporal position embeddings",
+) -> Path:
+    """The cosine similarity of every pair of learned time-step embeddings E_time (steps, D),
+    each cell written out. Neighbours in time that come out alike mean the model learned the
+    order of its tokens from bare indices."""
+    e = np.asarray(embedding, dtype=float)
+    unit = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    sim = unit @ unit.T
+    steps = len(e)
+    names = [
+        f"step {s}\n(frames {s * frames_per_step}..{(s + 1) * frames_per_step - 1})"
+        if frames_per_step > 1
+        else f"frame {s}"
+        for s in range(steps)
+    ]
+    size = 0.9 * steps + 2.2
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")
+    mappable = ax.imshow(sim, cmap="viridis", vmin=-1, vmax=1)
+    for i in range(steps):
+        for j in range(steps):
+            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if sim[i, j] > 0.3 else "white")  # fmt: skip
+    ax.set_xticks(range(steps), names, fontsize=7)
+    ax.set_yticks(range(steps), names, fontsize=7)
+    fig.colorbar(mappable, ax=ax, label="cosine similarity", shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def soundtrack_and_height(
+    mel_db: np.ndarray,
+    heights: np.ndarray,
+    pitch_band: np.ndarray,
+    duration: float,
+    path: str | Path,
+    titles: Sequence[str],
+    title: str = "a soundtrack's pitch follows the object's height",
+) -> Path:
+    """One column per soundtrack: on top its mel spectrogram mel_db (n, n_mels, frames) in dB,
+    band 0 at the bottom, with the pitch the height asks for (pitch_band (n, T), in mel-band
+    units, one value per video frame) drawn over it; below, the object's height (n, T) in each
+    video frame, on the same time axis."""
+    mel_db = np.asarray(mel_db)
+    n, n_mels, _ = mel_db.shape
+    frames = heights.shape[1]
+    times = (np.arange(frames) + 0.5) * duration / frames
+    fig, axes = plt.subplots(
+        2, n, figsize=(3.0 * n + 0.8, 4.6), squeeze=False, height_ratios=[1.6, 1],
+        layout="constrained",
+    )  # fmt: skip
+    for i in range(n):
+        top, bottom = axes[0, i], axes[1, i]
+        mappable = top.imshow(mel_db[i], origin="lower", aspect="auto", cmap="magma",
+                              extent=(0, duration, 0, n_mels), vmin=-80, vmax=0,
+                              interpolation="nearest")  # fmt: skip
+        top.plot(times, pitch_band[i], "o--", color="cyan", ms=3, lw=0.8, label="pitch of h")
+        top.set_title(titles[i], fontsize=8)
+        top.set_xlim(0, duration)
+        bottom.plot(times, heights[i], "o-", color="C2", ms=4)
+        bottom.set(xlim=(0, duration), ylim=(0, 1), xlabel="time (s)")
+        if i == 0:
+            top.set_ylabel("mel band")
+            bottom.set_ylabel("height h on screen")
+            top.legend(frameon=False, fontsize=7, loc="upper left", labelcolor="white")
+    fig.colorbar(mappable, ax=axes[0, :], label="dB below peak", shrink=0.9)
+    fig.suptitle(title)
+    return _save(fig, path)

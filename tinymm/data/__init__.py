@@ -1,4 +1,4 @@
-"""Synthetic, seeded data sets (shapes, sounds), the tokenizer, and batching."""
+"""Synthetic, seeded data sets (shapes, sounds, videos), the tokenizer, and batching."""
 
 from .batching import batches
 from .shapes import (
@@ -15,6 +15,7 @@ from .shapes import (
 from .sounds import CLASS_NAMES as SOUND_CLASSES
 from .sounds import make_sounds
 from .tokenizer import BPETokenizer
+from .videos import VideoData, make_videos
 
 __all__ = [
     "BPETokenizer",
@@ -25,9 +26,11 @@ __all__ = [
     "SIZES",
     "SOUND_CLASSES",
     "ShapesData",
+    "VideoData",
     "batches",
     "make_shapes",
     "make_sounds",
+    "make_videos",
     "parse_caption",
     "splits",
 ]

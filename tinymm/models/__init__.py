@@ -2,6 +2,15 @@
 
 from .clip import CLIP, zero_shot_classifier
 from .text import TextTransformer
+from .video import AudioVisualTransformer, FrameBag, VideoTransformer
 from .vit import ViT
 
-__all__ = ["CLIP", "TextTransformer", "ViT", "zero_shot_classifier"]
+__all__ = [
+    "AudioVisualTransformer",
+    "CLIP",
+    "FrameBag",
+    "TextTransformer",
+    "VideoTransformer",
+    "ViT",
+    "zero_shot_classifier",
+]

@@ -98,7 +98,7 @@ from tinymm.data import videos
 from tinymm.models import ViT
 from tinymm.models.video import AudioVisualTransformer, FrameBag, VideoTransformer, stream_tokens
 from tinymm.models.vit import attention_rollout
-from tinymm.train import fit, in_batches, lesson_args, result_line
+from tinymm.train import checkpointing, fit, in_batches, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
 args = lesson_args("07_video", __doc__)
@@ -179,7 +179,8 @@ def accuracy(model, clips: np.ndarray, labels: np.ndarray) -> float:
     return float((in_batches(model, clips).argmax(-1) == labels).mean())
 
 
-def train_model(model, loss_fn, data, steps: int, name: str, evaluate=None, batch=BATCH):
+def train_model(model, loss_fn, data, steps, name, part, evaluate=None, batch=BATCH):
+    """AdamW with warmup + cosine; `part` names its file under --checkpoint."""
     print(f"\n--- {name}\n{model}")
     optimizer = optim.AdamW(optim.weight_decay_groups(model, 0.05), lr=LR)
     return fit(
@@ -188,6 +189,7 @@ def train_model(model, loss_fn, data, steps: int, name: str, evaluate=None, batc
         loss_fn,
         data,
         steps=steps,
+        **checkpointing(args, steps, part),
         batch_size=batch,
         seed=args.seed,
         lr=lambda step: optim.cosine_schedule(
@@ -205,13 +207,13 @@ labels = ("falling", "rising")
 video_model = VideoTransformer(FRAMES, IMAGE, TUBELET, 3, DIM, DEPTH, HEADS, MLP_RATIO, 2)
 video_history = train_model(
     video_model, classify_loss, (train_x, train.rising), VIDEO_STEPS,
-    "task A: tubelet video transformer (joint space-time attention)",
+    "task A: tubelet video transformer (joint space-time attention)", "video",
     lambda: {"test_acc": accuracy(video_model, test_x, test.rising)},
 )  # fmt: skip
 bag = FrameBag(IMAGE, PATCH, 3, DIM, DEPTH, HEADS, MLP_RATIO, 2)
 bag_history = train_model(
     bag, classify_loss, (train_x, train.rising), BAG_STEPS,
-    "task A: frame bag (a ViT per frame, averaged over time)",
+    "task A: frame bag (a ViT per frame, averaged over time)", "bag",
     lambda: {"test_acc": accuracy(bag, test_x, test.rising)},
 )  # fmt: skip
 
@@ -246,6 +248,7 @@ contrastive_history = train_model(
     (train_x, train_mel),
     CLIP_STEPS,
     "task B, step 1: video and sound encoders, contrastive (CLIP) loss",
+    "contrastive",
     batch=CLIP_BATCH,
 )
 
@@ -272,7 +275,7 @@ def av_predict(clip_index: np.ndarray, sound_index: np.ndarray) -> np.ndarray:
 
 av_history = train_model(
     av_model, match_loss, train_pairs, AV_STEPS,
-    "task B, step 2: audio-visual transformer, [CLS; video; sound] -> match?",
+    "task B, step 2: audio-visual transformer, [CLS; video; sound] -> match?", "av",
     lambda: {"test_acc": float((av_predict(*test_pairs[:2]) == test_pairs[2]).mean())},
 )  # fmt: skip
 

@@ -114,33 +114,74 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """softmax(x)_i = e^{x_i} / sum_j e^{x_j}, over `axis`."""
+    """softmax(x)_i = e^{x_i} / sum_j e^{x_j}, over `axis`.
+
+    A row that is entirely -inf (every entry masked out) has no answer (0/0; PyTorch gives NaN):
+    tinymm gives uniform weights 1/n there and a zero gradient, as attention does for a query
+    that may attend to nothing."""
     x = _t(x)
+    axis = _axis("softmax", x, axis)
     if _fused():
         return kernels.softmax(x, axis)
+    x, _ = _without_empty_rows(x, axis)
     exp_shifted = (x - x.max(axis=axis, keepdims=True).detach()).exp()
     return exp_shifted / exp_shifted.sum(axis=axis, keepdims=True)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """log softmax(x)_i = x_i - log sum_j e^{x_j}, over `axis`."""
+    """log softmax(x)_i = x_i - log sum_j e^{x_j}, over `axis`.
+
+    A row that is entirely -inf gives log(1/n) and a zero gradient (see softmax)."""
     x = _t(x)
+    axis = _axis("log_softmax", x, axis)
     if _fused():
         return kernels.log_softmax(x, axis)
+    x, _ = _without_empty_rows(x, axis)
     shifted = x - x.max(axis=axis, keepdims=True).detach()
     return shifted - shifted.exp().sum(axis=axis, keepdims=True).log()
 
 
 def logsumexp(x: Tensor, axis: int | None = -1, keepdims: bool = False) -> Tensor:
-    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m}, m = max(x). axis=None: over all."""
+    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m}, m = max(x). axis=None: over all.
+
+    A row that is entirely -inf gives -inf (log 0, as PyTorch) and a zero gradient."""
     x = _t(x)
     if axis is None:
         return logsumexp(x.reshape(-1), 0).reshape((1,) * x.ndim if keepdims else ())
+    axis = _axis("logsumexp", x, axis)
     if _fused():
         return kernels.logsumexp(x, axis, keepdims)
+    x, empty = _without_empty_rows(x, axis)
     m = x.max(axis=axis, keepdims=True).detach()
     out = m + (x - m).exp().sum(axis=axis, keepdims=True).log()
+    if empty is not None:
+        out = where(empty, -np.inf, out)  # log 0
     return out if keepdims else out.squeeze(axis)
+
+
+def _without_empty_rows(x: Tensor, axis: int) -> tuple[Tensor, np.ndarray | None]:
+    """Rows along `axis` that are entirely -inf (x - max(x) would be -inf - (-inf) = NaN) set to
+    0, with no gradient (where() sends none to the branch not taken), and their mask (keepdims);
+    x itself and None when there is no such row."""
+    empty = np.isneginf(x.data.max(axis=axis, keepdims=True))
+    if not empty.any():
+        return x, None
+    return where(empty, 0.0, x), empty
+
+
+def _axis(op: str, x: Tensor, axis: Any) -> int:
+    """`axis` as a non-negative int, checked: an int in [-ndim, ndim) of a non-empty axis."""
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"{op}: axis must be an int, got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise IndexError(
+            f"{op}: axis {axis} is out of range for a tensor of shape {x.shape} "
+            f"(expected an axis in [{-x.ndim}, {x.ndim - 1}])"
+        )
+    axis = int(axis) % x.ndim
+    if x.shape[axis] == 0:
+        raise ValueError(f"{op}: axis {axis} of shape {x.shape} is empty (length 0)")
+    return axis
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +220,9 @@ def cross_entropy(
     log_p = log_softmax(logits.reshape(-1, n_classes), axis=-1)  # (rows, C)
     t, kept = t.reshape(-1), kept.reshape(-1)
     log_p_target = log_p[np.arange(len(t)), np.where(kept, t, 0)]  # log p of the true class
-    per_row = -(1 - eps) * log_p_target - (eps / n_classes) * log_p.sum(axis=-1)
+    per_row = -(1 - eps) * log_p_target
+    if eps:  # (not 0 * sum: a logit of -inf makes that sum -inf, and 0 * -inf is NaN)
+        per_row = per_row - (eps / n_classes) * log_p.sum(axis=-1)
     return (per_row * kept.astype(logits.dtype)).sum() / max(int(kept.sum()), 1)
 
 

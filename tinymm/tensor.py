@@ -388,9 +388,37 @@ class Tensor:
         self._version = _in_place_clock
         self._inplace_op = op
 
+    def _in_place_operand(self, op: str, other: Any) -> Any:
+        """The operand of an in-place op as an array; refused while it needs a gradient.
+
+        In-place ops are not recorded in the graph: with gradients on, an operand that requires
+        grad would silently get none from this update."""
+        if isinstance(other, Tensor):
+            if other.requires_grad and _grad_enabled:
+                raise RuntimeError(
+                    f"'{op}' with an operand that requires grad (shape {other.shape}) while "
+                    "gradients are on: in-place ops are not recorded, so that operand would "
+                    f"silently get no gradient from it; use an out-of-place op "
+                    f"({_OUT_OF_PLACE.get(op, 'x = other')}), or wrap the update in "
+                    "`with tm.no_grad():` (or pass other.detach()) if no gradient is wanted"
+                )
+            other = other.data
+        shape = np.shape(other)
+        if shape != self.data.shape:
+            try:
+                fits = np.broadcast_shapes(shape, self.data.shape) == self.data.shape
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"{op}: other of shape {shape} does not broadcast to this tensor's shape "
+                    f"{self.data.shape} (an in-place op cannot change the shape)"
+                )
+        return other
+
     def add_(self, other: Any, alpha: float = 1.0) -> Tensor:
+        other = self._in_place_operand("add_", other)
         self._bump("add_")
-        other = other.data if isinstance(other, Tensor) else other
         if alpha == 1.0:
             self.data += other
         else:
@@ -398,13 +426,15 @@ class Tensor:
         return self
 
     def sub_(self, other: Any) -> Tensor:
+        other = self._in_place_operand("sub_", other)
         self._bump("sub_")
-        self.data -= other.data if isinstance(other, Tensor) else other
+        self.data -= other
         return self
 
     def mul_(self, other: Any) -> Tensor:
+        other = self._in_place_operand("mul_", other)
         self._bump("mul_")
-        self.data *= other.data if isinstance(other, Tensor) else other
+        self.data *= other
         return self
 
     def zero_(self) -> Tensor:
@@ -413,8 +443,9 @@ class Tensor:
         return self
 
     def copy_(self, other: Any) -> Tensor:
+        other = self._in_place_operand("copy_", other)
         self._bump("copy_")
-        self.data[...] = other.data if isinstance(other, Tensor) else other
+        self.data[...] = other
         return self
 
     # --- arithmetic ----------------------------------------------------------------------------
@@ -672,6 +703,7 @@ def _data(x: Any) -> Any:
 
 
 _NUMBER = int | float | bool | np.integer | np.bool_
+_OUT_OF_PLACE = {"add_": "x = x + other", "sub_": "x = x - other", "mul_": "x = x * other"}
 
 
 def _check_broadcast(op: str, a: Tensor, b: Tensor) -> None:

@@ -155,3 +155,87 @@ def test_optimizers_still_update_parameters_from_tensors_that_require_grad():
         layer(tm.randn(4, 3)).sum().backward()
         opt.step()
         assert not np.allclose(layer.weight.data, before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Anomaly detection
+# ----------------------------------------------------------------------------------------------
+
+
+def test_detect_anomaly_names_the_forward_op_that_made_a_nan_and_the_users_line():
+    x = tm.tensor([1.0, -1.0, 2.0], requires_grad=True)
+    y = x * 2  # finite: not reported
+    with pytest.raises(RuntimeError) as info, tm.detect_anomaly():
+        z = y.sqrt()  # sqrt(-2) = nan: the first non-finite value
+        (z * 0).sum()
+    message = str(info.value)
+    assert "forward of 'sqrt' produced nan (1 of 3 values)" in message
+    assert "inputs (3,) float32 -> output (3,) float32" in message
+    assert f"{__file__}:" in message and "z = y.sqrt()" in message
+    assert "tinymm/tensor.py" in message
+
+
+def test_detect_anomaly_does_not_blame_an_op_for_a_value_that_reached_it_non_finite():
+    x = tm.tensor([1.0, -np.inf, 2.0], requires_grad=True)  # a -inf mask: data, not a bug
+    with tm.detect_anomaly():
+        out = F.softmax(x * 1.0)
+        out.sum().backward()
+    assert np.isfinite(out.data).all() and np.isfinite(x.grad).all()
+
+
+def test_detect_anomaly_names_the_backward_op_and_where_it_was_created():
+    x = tm.tensor([0.0, 1.0, 4.0], requires_grad=True)
+    with tm.detect_anomaly():
+        y = x.sqrt()  # sqrt(0) = 0 is fine; its derivative 1 / (2 sqrt 0) is inf
+        loss = y.sum()
+        with pytest.raises(RuntimeError) as info:
+            loss.backward()
+    message = str(info.value)
+    assert "backward of 'sqrt' returned inf in the gradient of its input 0" in message
+    assert "finite output gradient (3,) float32" in message
+    assert f"{__file__}:" in message and "y = x.sqrt()" in message
+
+
+def test_detect_anomaly_is_a_decorator_and_off_outside():
+    @tm.detect_anomaly()
+    def step(x):
+        assert tm.is_anomaly_enabled()
+        return (x / x).sum()  # 0 / 0
+
+    with pytest.raises(RuntimeError, match="'div' produced nan"):
+        step(tm.tensor([0.0, 1.0], requires_grad=True))
+    assert not tm.is_anomaly_enabled()
+    with np.errstate(invalid="ignore"):
+        assert np.isnan((tm.tensor([0.0]) / tm.tensor([0.0])).item())  # off: no check
+    node = (tm.tensor([1.0], requires_grad=True) * 2)._node
+    assert not hasattr(node, "created_at")  # off: nothing recorded
+
+
+def test_a_model_step_passes_under_detect_anomaly_and_gives_the_same_gradients():
+    def grads(anomaly):
+        tm.manual_seed(0)
+        block = tm.nn.TransformerBlock(8, 2)
+        x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+        with tm.detect_anomaly(anomaly):
+            (block(x, causal=True) ** 2).mean().backward()
+        return [p.grad for p in block.parameters()]
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_stops_with_the_step_when_the_loss_is_not_finite():
+    from tinymm.train import fit
+
+    model = tm.nn.Linear(2, 1)
+    opt = tm.optim.SGD(model.parameters(), lr=0.1)
+    x, y = np.ones((8, 2), np.float32), np.zeros((8, 1), np.float32)
+    calls = []
+
+    def loss_fn(m, xb, yb):  # the second step's target overflows
+        calls.append(1)
+        return F.mse_loss(m(xb), yb + (np.float32(np.inf) if len(calls) == 2 else 0))
+
+    with pytest.raises(FloatingPointError, match=r"loss is (inf|nan) at step 2/3.*detect_anomaly"):
+        fit(model, opt, loss_fn, (x, y), steps=3, batch_size=4, seed=0, log=lambda s: None)
+    assert np.isfinite(model.weight.data).all() and len(calls) == 2  # stopped before backward

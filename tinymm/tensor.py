@@ -38,6 +38,7 @@ _TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
 _grad_enabled = True
 _rng = np.random.default_rng(0)
 _in_place_clock = 0  # how many in-place changes have happened so far, to any tensor
+_anomaly = False  # inside tinymm.detect_anomaly(): check every op (tinymm/anomaly.py)
 
 
 def manual_seed(seed: int) -> None:
@@ -78,9 +79,10 @@ class Node:
 
     `saved` are the inputs whose values the backward function reads; `made_at` is the in-place
     clock when the node was made (see `Tensor._bump`): a saved tensor changed later is an error.
+    `created_at` (a stack summary) is set only inside `tinymm.detect_anomaly()`.
     """
 
-    __slots__ = ("op", "inputs", "backward", "saved", "made_at")
+    __slots__ = ("op", "inputs", "backward", "saved", "made_at", "created_at")
 
     def __init__(self, op: str, inputs: tuple, backward: Callable, saved: tuple):
         self.op = op
@@ -167,11 +169,17 @@ def record(
     `backward(g)` returns one gradient (or None) per input, in the result's (broadcast) shape.
     """
     out = _new(data if type(data) is np.ndarray else np.asarray(data))
+    if _anomaly:
+        from . import anomaly
+
+        anomaly.check_forward(op, out.data, inputs)
     if _grad_enabled:
         for t in inputs:
             if t.requires_grad:
                 out.requires_grad = True
                 out._node = Node(op, tuple(inputs), backward, tuple(saved))
+                if _anomaly:
+                    out._node.created_at = anomaly.creation_site()
                 break
     return out
 
@@ -346,6 +354,10 @@ class Tensor:
             if node.made_at < _in_place_clock:  # something changed in place since node was made
                 node.check_saved()
             g_inputs = node.backward(g) if g is not None else [None] * len(node.inputs)
+            if _anomaly and g is not None:
+                from . import anomaly
+
+                anomaly.check_backward(node, g, g_inputs)
             for inp, g_inp in zip(node.inputs, g_inputs, strict=True):
                 if not inp.requires_grad:
                     continue

@@ -26,7 +26,7 @@ from numpy.lib.stride_tricks import as_strided
 from scipy.special import erf
 
 from . import parallel
-from .tensor import Tensor, record
+from .tensor import Tensor, _rows, record
 
 # ----------------------------------------------------------------------------------------------
 # Sums as products with a ones vector
@@ -349,7 +349,7 @@ def _affine(op, x, xhat, rstd, weight, bias, grouped, axes) -> Tensor:
         gx -= _mean(g_xhat, axes)  # gh - mean(gh) - xhat mean(gh xhat),
         gx *= rstd  # all / sqrt(var + eps)
         grads = [gx.reshape(x.shape)]
-        g_rows = g.reshape(-1, g.shape[-1])  # (N, ..., C) -> (rows, C): sums over rows are GEMVs
+        g_rows = _rows(g)  # (N, ..., C) -> (rows, C): sums over rows are GEMVs
         if weight is not None:
             grads.append(_sum(g_rows * xhat.reshape(g_rows.shape), 0)[0])  # dw
         if bias is not None:
@@ -370,12 +370,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     dx = g W^T,  dW = x^T g,  db = sum of g's rows. The input and weight gradients are two
     products of the same size: they run at once on the two threads (tinymm.parallel.both)."""
     lead = x.shape[:-1]
-    x_rows = x.data.reshape(-1, x.shape[-1])  # (N, ..., in) -> (N*..., in)
+    x_rows = _rows(x.data)  # (N, ..., in) -> (N*..., in)
     out = parallel.matmul(x_rows, weight.data, None if bias is None else bias.data)
     inputs = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):
-        g_rows = g.reshape(-1, g.shape[-1])
+        g_rows = _rows(g)
 
         def weight_grads():
             gw = parallel.matmul(x_rows.T, g_rows) if weight.requires_grad else None
@@ -480,9 +480,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: np.ndarray | None) -> tu
 
     scores_t = np.empty((lk, int(np.prod(batch)) * lq), dtype)  # S^T, keys first
     parallel.matmul(kd, np.swapaxes(q_scaled, -1, -2), out=per_sequence(scores_t))  # K Q^T/sqrt d
+    nothing_allowed = None  # the queries (columns) that may attend to no key at all
     if allowed is not None:  # (..., L_q, L_k) -> keys first, as scores_t
         blocked = np.moveaxis(np.broadcast_to(~allowed, (*batch, lq, lk)), -1, 0)
-        np.copyto(scores_t, np.finfo(dtype).min, where=blocked.reshape(scores_t.shape))
+        blocked = blocked.reshape(scores_t.shape)
+        np.copyto(scores_t, np.finfo(dtype).min, where=blocked)
+        nothing_allowed = blocked.all(axis=0)
+        nothing_allowed = nothing_allowed if nothing_allowed.any() else None
 
     weights_t = np.empty_like(scores_t)  # P^T, keys first
 
@@ -509,6 +513,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: np.ndarray | None) -> tu
             ds *= p  # times P^T
 
         parallel.rows(softmax_backward, weights_t.T)
+        if nothing_allowed is not None:  # their uniform weights do not depend on Q or K
+            g_scores_t[:, nothing_allowed] = 0
         g_scores_seq = per_sequence(g_scores_t)  # dS^T per sequence (..., L_k, L_q)
         gq = parallel.matmul(np.swapaxes(g_scores_seq, -1, -2), k_scaled)  # dQ = dS K / sqrt d
         gk = parallel.matmul(g_scores_seq, q_scaled)  # dK = dS^T Q / sqrt(d)

@@ -239,3 +239,26 @@ def test_fit_stops_with_the_step_when_the_loss_is_not_finite():
     with pytest.raises(FloatingPointError, match=r"loss is (inf|nan) at step 2/3.*detect_anomaly"):
         fit(model, opt, loss_fn, (x, y), steps=3, batch_size=4, seed=0, log=lambda s: None)
     assert np.isfinite(model.weight.data).all() and len(calls) == 2  # stopped before backward
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_query_that_may_attend_to_nothing_gets_uniform_weights_and_no_gradient(causal):
+    """Both readings: uniform weights (PyTorch gives NaN), and the scores of such a query send
+    no gradient to Q or K (the fused kernel used to send the uniform softmax's)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s) for s in ((1, 3, 2), (1, 2, 2), (1, 2, 2)))
+    mask = np.array([[False, False], [True, False], [True, True]])  # query 0: nothing
+    u = rng.standard_normal((1, 3, 2))
+    results = []
+    for reference in (False, True):
+        with tm.reference_mode(reference):
+            ts = [tm.tensor(a, requires_grad=True) for a in (q, k, v)]
+            out, weights = F.scaled_dot_product_attention(
+                *ts, mask=None if causal else mask, causal=causal, return_weights=True
+            )  # causal with L_q = 3 > L_k = 2: query 0 sees no key either
+            out.backward(u)
+        np.testing.assert_allclose(weights.data[0, 0], [0.5, 0.5])
+        assert ts[0].grad[0, 0].tolist() == [0.0, 0.0]  # query 0's scores are constants
+        results.append([out.data, *(t.grad for t in ts)])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-12)

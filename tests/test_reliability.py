@@ -262,3 +262,84 @@ def test_a_query_that_may_attend_to_nothing_gets_uniform_weights_and_no_gradient
         results.append([out.data, *(t.grad for t in ts)])
     for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks at the call (the fuzz test, tests/test_fuzz_api.py, covers every function;
+# these are the cases the issue names, with their messages)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sum", "mean", "max", "min", "var"])
+def test_a_reduction_axis_out_of_range_raises_rather_than_wrapping(method):
+    x = tm.randn(2, 3, requires_grad=True)
+    for axis in (2, -3, (0, 2)):
+        with pytest.raises(IndexError, match=rf"{method}: axis=.* out of range.*\(2, 3\)"):
+            getattr(x, method)(axis=axis)
+    with pytest.raises(ValueError, match="names an axis twice"):
+        getattr(x, method)(axis=(1, -1))
+
+
+@pytest.mark.parametrize("fn", [F.softmax, F.log_softmax, F.logsumexp])
+def test_softmax_family_axis_out_of_range_raises(fn):
+    with pytest.raises(IndexError, match=r"axis 2 is out of range.*\(2, 3\).*\[-2, 1\]"):
+        fn(tm.randn(2, 3), axis=2)
+
+
+def test_transpose_axes_must_be_a_permutation():
+    x = tm.randn(2, 3, 4)
+    with pytest.raises(IndexError, match=r"transpose: axes=\(0, 1, 3\) is out of range"):
+        x.transpose(0, 1, 3)  # used to wrap 3 -> 0
+    with pytest.raises(ValueError, match=r"transpose: axes=\(0, 1\) must name each of the 3"):
+        x.transpose(0, 1)
+
+
+def test_a_pooling_window_larger_than_its_input_raises():
+    x = tm.randn(1, 3, 3, 2)
+    with pytest.raises(ValueError, match=r"avg_pool2d: kernel_size=4 is larger than the input"):
+        F.avg_pool2d(x, 4)  # used to return an empty tensor
+    with pytest.raises(ValueError, match=r"avg_pool2d: stride must be an integer >= 1, got 0"):
+        F.avg_pool2d(x, 2, stride=0)
+
+
+def test_layer_norm_on_an_input_whose_last_axis_differs_names_both():
+    with pytest.raises(ValueError, match=r"LayerNorm\(4\).*dim=4.*shape \(2, 3\).*last axis 3"):
+        tm.nn.LayerNorm(4)(tm.randn(2, 3))
+    with pytest.raises(
+        ValueError, match=r"GroupNorm\(num_channels=4\).*\(N, H, W, 4\).*\(1, 2, 2, 3\)"
+    ):
+        tm.nn.GroupNorm(2, 4)(tm.randn(1, 2, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: tm.nn.Linear(0, 3), r"Linear: in_features must be an integer >= 1, got 0"),
+        (lambda: tm.nn.Conv2d(3, 4, 0), r"Conv2d: kernel_size must be an integer >= 1, got 0"),
+        (lambda: tm.nn.Conv2d(3, 4, 3, padding=-1), r"Conv2d: padding must be .* >= 0, got -1"),
+        (lambda: tm.nn.MultiHeadAttention(8, 0), r"MultiHeadAttention: heads must be .* got 0"),
+        (lambda: tm.nn.GroupNorm(0, 4), r"GroupNorm: num_groups must be .* got 0"),
+        (lambda: tm.nn.Embedding(-1, 4), r"Embedding: num must be .* got -1"),
+    ],
+)
+def test_layers_check_their_sizes_when_built(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_attention_mask_must_broadcast_to_the_scores_not_merely_with_them():
+    q = tm.randn(1, 1, 4)
+    with pytest.raises(
+        ValueError, match=r"mask of shape \(2,\) does not broadcast to .*\(1, 1, 1\)"
+    ):
+        F.scaled_dot_product_attention(q, q, q, mask=np.ones(2, bool))
+
+
+def test_errors_are_raised_in_the_call_not_in_backward():
+    """The size-0 cases once failed only in backward (reshape(-1, 0) is ambiguous)."""
+    a, b = tm.randn(0, 3, requires_grad=True), tm.randn(3, 0, requires_grad=True)
+    (a @ b).sum().backward()
+    assert a.grad.shape == (0, 3) and b.grad.shape == (3, 0)
+    x = tm.randn(0, requires_grad=True)
+    x.var().backward()  # (was ZeroDivisionError in backward)
+    assert x.grad.shape == (0,)

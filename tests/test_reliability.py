@@ -343,3 +343,16 @@ def test_errors_are_raised_in_the_call_not_in_backward():
     x = tm.randn(0, requires_grad=True)
     x.var().backward()  # (was ZeroDivisionError in backward)
     assert x.grad.shape == (0,)
+
+
+def test_text_transformer_checks_ids_and_eos_positions():
+    tm.manual_seed(0)
+    text = tm.models.TextTransformer(vocab_size=10, max_len=6, dim=8, depth=1, heads=2)
+    ids = np.array([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match=r"ids must be \(N, L\) token ids, got shape \(3,\)"):
+        text.encode(ids[0])
+    with pytest.raises(IndexError, match=r"eos_positions must lie in \[0, 3\).*-1\.\.2"):
+        text(ids, np.array([-1, 2]))  # used to wrap around to the last token
+    with pytest.raises(ValueError, match=r"eos_positions must be \(N,\) = \(2,\)"):
+        text(ids, np.array([2]))
+    assert text(ids, np.array([2, 1])).shape == (2, 8)

@@ -273,15 +273,15 @@ def stft(
     if y.ndim != 1:
         raise ValueError(f"y must be a 1-D (mono) signal of shape (samples,), got shape {y.shape}")
     if y.dtype not in (np.float32, np.float64):
-        raise ValueError(f"audio must be float32 or float64, got {y.dtype}; use y.astype(float)")
+        raise ValueError(f"audio y must be float32 or float64, got {y.dtype}; use y.astype(float)")
     if not np.all(np.isfinite(y)):
-        raise ValueError("audio contains NaN or infinity")
+        raise ValueError("audio y contains NaN or infinity")
     fft_window, hop_length = _stft_window(window, n_fft, win_length, hop_length)
     if center:
         if pad_mode not in _PAD_MODES:
             raise ValueError(f"pad_mode must be one of {_PAD_MODES}, got {pad_mode!r}")
         if len(y) == 0:
-            raise ValueError("audio is empty (0 samples)")
+            raise ValueError("audio y is empty (0 samples)")
         y = np.pad(y, n_fft // 2, mode=pad_mode)
     elif len(y) < n_fft:
         raise ValueError(

@@ -6,6 +6,7 @@ x = tm.tensor([1.0, 2.0, 3.0], requires_grad=True)
 """
 
 from . import audio, data, functional, models, nn, optim, runtime
+from .anomaly import detect_anomaly, is_anomaly_enabled
 from .gradcheck import gradcheck, gradcheck_module
 from .io import load, save
 from .modes import is_reference_mode, reference_mode
@@ -41,9 +42,11 @@ __all__ = [
     "concatenate",
     "data",
     "default_rng",
+    "detect_anomaly",
     "functional",
     "gradcheck",
     "gradcheck_module",
+    "is_anomaly_enabled",
     "is_grad_enabled",
     "is_reference_mode",
     "load",

@@ -103,12 +103,18 @@ def mel_frequencies(
 
     ``mel_to_hz(linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels))``. Shape ``(n_mels,)``.
     """
+    if isinstance(n_mels, bool) or not isinstance(n_mels, int | np.integer) or n_mels < 0:
+        raise ValueError(f"n_mels must be an integer >= 0, got n_mels={n_mels!r}")
     mels = np.linspace(hz_to_mel(float(fmin), htk=htk), hz_to_mel(float(fmax), htk=htk), n_mels)
     return mel_to_hz(mels, htk=htk)
 
 
 def fft_frequencies(sr: float = 22050, n_fft: int = 2048) -> np.ndarray:
     """Centre frequency of each rfft bin: ``f_k = k * sr / n_fft``, shape ``(1 + n_fft // 2,)``."""
+    if isinstance(n_fft, bool) or not isinstance(n_fft, int | np.integer) or n_fft < 1:
+        raise ValueError(f"n_fft must be an integer >= 1, got n_fft={n_fft!r}")
+    if not sr > 0:
+        raise ValueError(f"the sample rate sr must be > 0, got sr={sr!r}")
     return np.fft.rfftfreq(n=n_fft, d=1.0 / sr)
 
 
@@ -207,7 +213,11 @@ def frame(x: np.ndarray, frame_length: int, hop_length: int) -> np.ndarray:
     Shape ``(..., N)`` -> ``(..., frame_length, n_frames)``, frames along the last axis as librosa.
     """
     x = np.asarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"frame: x must have a time axis (..., N), got shape {x.shape}")
     n = x.shape[-1]
+    if frame_length < 1:
+        raise ValueError(f"frame_length must be a positive integer, got {frame_length}")
     if hop_length < 1:
         raise ValueError(f"hop_length must be a positive integer, got hop_length={hop_length}")
     if n < frame_length:
@@ -261,17 +271,17 @@ def stft(
     """
     y = np.asarray(y)
     if y.ndim != 1:
-        raise ValueError(f"expected a 1-D (mono) signal of shape (samples,), got shape {y.shape}")
+        raise ValueError(f"y must be a 1-D (mono) signal of shape (samples,), got shape {y.shape}")
     if y.dtype not in (np.float32, np.float64):
-        raise ValueError(f"audio must be float32 or float64, got {y.dtype}; use y.astype(float)")
+        raise ValueError(f"audio y must be float32 or float64, got {y.dtype}; use y.astype(float)")
     if not np.all(np.isfinite(y)):
-        raise ValueError("audio contains NaN or infinity")
+        raise ValueError("audio y contains NaN or infinity")
     fft_window, hop_length = _stft_window(window, n_fft, win_length, hop_length)
     if center:
         if pad_mode not in _PAD_MODES:
             raise ValueError(f"pad_mode must be one of {_PAD_MODES}, got {pad_mode!r}")
         if len(y) == 0:
-            raise ValueError("audio is empty (0 samples)")
+            raise ValueError("audio y is empty (0 samples)")
         y = np.pad(y, n_fft // 2, mode=pad_mode)
     elif len(y) < n_fft:
         raise ValueError(
@@ -394,7 +404,7 @@ def power_to_db(
     ref_value = ref(S) if callable(ref) else np.abs(ref)
     log_spec = 10.0 * np.log10(np.maximum(amin, S))
     log_spec -= 10.0 * np.log10(np.maximum(amin, ref_value))  # in place: keeps float32
-    if top_db is not None:
+    if top_db is not None and log_spec.size:  # (an empty S has no maximum)
         log_spec = np.maximum(log_spec, log_spec.max() - top_db)
     return log_spec
 

@@ -114,33 +114,74 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """softmax(x)_i = e^{x_i} / sum_j e^{x_j}, over `axis`."""
+    """softmax(x)_i = e^{x_i} / sum_j e^{x_j}, over `axis`.
+
+    A row that is entirely -inf (every entry masked out) has no answer (0/0; PyTorch gives NaN):
+    tinymm gives uniform weights 1/n there and a zero gradient, as attention does for a query
+    that may attend to nothing."""
     x = _t(x)
+    axis = _axis("softmax", x, axis)
     if _fused():
         return kernels.softmax(x, axis)
+    x, _ = _without_empty_rows(x, axis)
     exp_shifted = (x - x.max(axis=axis, keepdims=True).detach()).exp()
     return exp_shifted / exp_shifted.sum(axis=axis, keepdims=True)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
-    """log softmax(x)_i = x_i - log sum_j e^{x_j}, over `axis`."""
+    """log softmax(x)_i = x_i - log sum_j e^{x_j}, over `axis`.
+
+    A row that is entirely -inf gives log(1/n) and a zero gradient (see softmax)."""
     x = _t(x)
+    axis = _axis("log_softmax", x, axis)
     if _fused():
         return kernels.log_softmax(x, axis)
+    x, _ = _without_empty_rows(x, axis)
     shifted = x - x.max(axis=axis, keepdims=True).detach()
     return shifted - shifted.exp().sum(axis=axis, keepdims=True).log()
 
 
 def logsumexp(x: Tensor, axis: int | None = -1, keepdims: bool = False) -> Tensor:
-    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m}, m = max(x). axis=None: over all."""
+    """log sum_i e^{x_i} = m + log sum_i e^{x_i - m}, m = max(x). axis=None: over all.
+
+    A row that is entirely -inf gives -inf (log 0, as PyTorch) and a zero gradient."""
     x = _t(x)
     if axis is None:
         return logsumexp(x.reshape(-1), 0).reshape((1,) * x.ndim if keepdims else ())
+    axis = _axis("logsumexp", x, axis)
     if _fused():
         return kernels.logsumexp(x, axis, keepdims)
+    x, empty = _without_empty_rows(x, axis)
     m = x.max(axis=axis, keepdims=True).detach()
     out = m + (x - m).exp().sum(axis=axis, keepdims=True).log()
+    if empty is not None:
+        out = where(empty, -np.inf, out)  # log 0
     return out if keepdims else out.squeeze(axis)
+
+
+def _without_empty_rows(x: Tensor, axis: int) -> tuple[Tensor, np.ndarray | None]:
+    """Rows along `axis` that are entirely -inf (x - max(x) would be -inf - (-inf) = NaN) set to
+    0, with no gradient (where() sends none to the branch not taken), and their mask (keepdims);
+    x itself and None when there is no such row."""
+    empty = np.isneginf(x.data.max(axis=axis, keepdims=True))
+    if not empty.any():
+        return x, None
+    return where(empty, 0.0, x), empty
+
+
+def _axis(op: str, x: Tensor, axis: Any) -> int:
+    """`axis` as a non-negative int, checked: an int in [-ndim, ndim) of a non-empty axis."""
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"{op}: axis must be an int, got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise IndexError(
+            f"{op}: axis {axis} is out of range for a tensor of shape {x.shape} "
+            f"(expected an axis in [{-x.ndim}, {x.ndim - 1}])"
+        )
+    axis = int(axis) % x.ndim
+    if x.shape[axis] == 0:
+        raise ValueError(f"{op}: axis {axis} of shape {x.shape} is empty (length 0)")
+    return axis
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +201,10 @@ def cross_entropy(
     """
     logits = _t(logits)
     t = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(
+            f"cross_entropy: logits must be (..., C) with at least one class C, got {logits.shape}"
+        )
     if logits.shape[:-1] != t.shape:
         raise ValueError(
             f"cross_entropy: logits {logits.shape} need targets of shape {logits.shape[:-1]}, "
@@ -179,7 +224,9 @@ def cross_entropy(
     log_p = log_softmax(logits.reshape(-1, n_classes), axis=-1)  # (rows, C)
     t, kept = t.reshape(-1), kept.reshape(-1)
     log_p_target = log_p[np.arange(len(t)), np.where(kept, t, 0)]  # log p of the true class
-    per_row = -(1 - eps) * log_p_target - (eps / n_classes) * log_p.sum(axis=-1)
+    per_row = -(1 - eps) * log_p_target
+    if eps:  # (not 0 * sum: a logit of -inf makes that sum -inf, and 0 * -inf is NaN)
+        per_row = per_row - (eps / n_classes) * log_p.sum(axis=-1)
     return (per_row * kept.astype(logits.dtype)).sum() / max(int(kept.sum()), 1)
 
 
@@ -189,7 +236,8 @@ def mse_loss(a: Tensor, b: Any) -> Tensor:
     a, b = _t(a), _t(b)
     if a.shape != b.shape:
         raise ValueError(
-            f"mse_loss: input and target must have the same shape, got {a.shape} and {b.shape}"
+            f"mse_loss: a (input) and b (target) must have the same shape, got {a.shape} and "
+            f"{b.shape}"
         )
     d = a - b
     return (d * d).mean()
@@ -219,9 +267,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def embedding(indices: Any, weight: Tensor) -> Tensor:
     """Rows of `weight` (V, D) picked by integer `indices` (...) -> (..., D)."""
     weight = _t(weight)
+    if weight.ndim != 2:
+        raise ValueError(f"embedding: weight must be a (V, D) table, got shape {weight.shape}")
     idx = np.asarray(indices.data if isinstance(indices, Tensor) else indices)
     if not np.issubdtype(idx.dtype, np.integer):
-        raise TypeError(f"embedding: indices must be integers, got {idx.dtype}")
+        raise TypeError(f"embedding: indices must be integers (ids), got {idx.dtype}")
     if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
         raise IndexError(
             f"embedding: indices must lie in [0, {weight.shape[0]}), got {idx.min()}..{idx.max()}"
@@ -229,7 +279,7 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
 
     def backward(g):
         grad = np.zeros_like(weight.data)
-        np.add.at(grad, idx.reshape(-1), g.reshape(-1, weight.shape[1]))
+        np.add.at(grad, idx.reshape(-1), g.reshape(idx.size, weight.shape[1]))
         return (grad,)
 
     return record("embedding", weight.data[idx], (weight,), backward)
@@ -238,7 +288,10 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Normalise the last axis: xhat = (x - mean) / sqrt(var + eps); y = xhat * w + b."""
     x = _t(x)
-    _check_affine("layer_norm", x.shape[-1:] if x.ndim else (), weight, bias)
+    if x.ndim < 1:
+        raise ValueError(f"layer_norm: x needs at least one axis to normalise, got shape {x.shape}")
+    _check_affine("layer_norm", x.shape[-1:], weight, bias)
+    _check_eps("layer_norm", eps)
     if _fused():
         return kernels.layer_norm(x, weight, bias, eps)
     mean = x.mean(axis=-1, keepdims=True)
@@ -263,6 +316,7 @@ def group_norm(
             "be a positive divisor of the channel count C)"
         )
     _check_affine("group_norm", (c,), weight, bias)
+    _check_eps("group_norm", eps)
     if _fused():
         return kernels.group_norm(x, num_groups, weight, bias, eps)
     groups = x.reshape(n, h * w, num_groups, c // num_groups)  # (N, H, W, C) -> (N, HW, G, C/G)
@@ -278,6 +332,12 @@ def _scale_shift(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Te
     return y + bias if bias is not None else y
 
 
+def _check_eps(op: str, eps: Any) -> None:
+    """eps > 0: with eps = 0 a constant row is 0 / 0 = NaN (and PyTorch gives NaN there)."""
+    if not isinstance(eps, int | float | np.floating) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
+
+
 def _check_affine(op: str, shape: tuple, weight: Any, bias: Any) -> None:
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != tuple(shape):
@@ -288,7 +348,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p) (identity in eval)."""
     x = _t(x)
     if not 0 <= p < 1:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        raise ValueError(f"dropout: p (the probability) must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
     keep = (default_rng().random(x.shape) >= p).astype(x.dtype) / (1 - p)
@@ -328,7 +388,8 @@ def conv2d(
     height, width = x.shape[1] + 2 * p, x.shape[2] + 2 * p
     if height < kh or width < kw:
         raise ValueError(
-            f"conv2d: kernel {kh}x{kw} is larger than the padded input {(height, width)}"
+            f"conv2d: kernel {kh}x{kw} is larger than the padded input {(height, width)} "
+            f"(weight {weight.shape}, x {x.shape}, padding={p})"
         )
     if _fused():
         return kernels.conv2d(x, weight, bias, stride, padding)
@@ -347,9 +408,15 @@ def conv2d(
 def avg_pool2d(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor:
     """Mean over kernel_size x kernel_size windows of x (N, H, W, C), stride defaults to kernel."""
     x = _t(x)
-    k, s = kernel_size, stride or kernel_size
+    k, s = kernel_size, kernel_size if stride is None else stride
     if x.ndim != 4:
         raise ValueError(f"avg_pool2d expects x of shape (N, H, W, C), got {x.shape}")
+    _check_positive("avg_pool2d", kernel_size=k, stride=s)
+    if k > x.shape[1] or k > x.shape[2]:
+        raise ValueError(
+            f"avg_pool2d: kernel_size={k} is larger than the input x {x.shape} "
+            f"(H={x.shape[1]}, W={x.shape[2]})"
+        )
     win = kernels.windows(x.data, k, k, s)
     n, ho, wo = win.shape[:3]
     out = win.mean(axis=(3, 4))
@@ -365,11 +432,19 @@ def avg_pool2d(x: Tensor, kernel_size: int, stride: int | None = None) -> Tensor
     return record("avg_pool2d", out.astype(x.dtype, copy=False), (x,), backward)
 
 
+def _check_positive(op: str, **arguments: Any) -> None:
+    """Each argument (a size, a stride, a factor) must be an integer >= 1."""
+    for name, value in arguments.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{op}: {name} must be an integer >= 1, got {value!r}")
+
+
 def upsample_nearest2d(x: Tensor, scale_factor: int = 2) -> Tensor:
     """Repeat every pixel of x (N, H, W, C) scale x scale times; the gradient sums each block."""
     x = _t(x)
     if x.ndim != 4:
         raise ValueError(f"upsample_nearest2d expects x of shape (N, H, W, C), got {x.shape}")
+    _check_positive("upsample_nearest2d", scale_factor=scale_factor)
     s = scale_factor
     n, h, w, c = x.shape
     out = np.broadcast_to(x.data[:, :, None, :, None, :], (n, h, s, w, s, c))
@@ -390,9 +465,11 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
         raise ValueError(f"patchify expects images of shape (N, H, W, C), got {images.shape}")
     n, h, w, c = images.shape
     p = patch_size
+    _check_positive("patchify", patch_size=p)
     if h % p or w % p:
         raise ValueError(
-            f"patch size {p} does not divide the image size {h}x{w}: "
+            f"patch size {p} does not divide the image size {h}x{w} (patch_size must divide "
+            f"the H and W of images): "
             f"{h} % {p} = {h % p}, {w} % {p} = {w % p}"
         )
     x = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -406,6 +483,16 @@ def unpatchify(
     patches = _t(patches)
     h, w = image_size
     p = patch_size
+    _check_positive("unpatchify", patch_size=p, channels=channels)
+    if h % p or w % p:
+        raise ValueError(f"unpatchify: patch_size={p} does not divide image_size={image_size}")
+    expected = ((h // p) * (w // p), p * p * channels)
+    if patches.ndim != 3 or patches.shape[1:] != expected:
+        raise ValueError(
+            f"unpatchify: patches of shape {patches.shape} are not (N, {expected[0]}, "
+            f"{expected[1]}), the patches of {h}x{w} images of {channels} channels with "
+            f"patch_size={p}"
+        )
     n = patches.shape[0]
     x = patches.reshape(n, h // p, w // p, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(n, h, w, channels)
@@ -478,8 +565,10 @@ def _attention_mask(mask: Any, causal: bool, lq: int, lk: int, batch: tuple) -> 
                 f"attention mask must be boolean (True = may attend), got {allowed.dtype}"
             )
         try:
-            np.broadcast_shapes(allowed.shape, (*batch, lq, lk))
+            fits = np.broadcast_shapes(allowed.shape, (*batch, lq, lk)) == (*batch, lq, lk)
         except ValueError:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"attention mask of shape {allowed.shape} does not broadcast to the scores' "
                 f"shape {(*batch, lq, lk)} (batch..., L_q, L_k)"

@@ -26,7 +26,7 @@ from numpy.lib.stride_tricks import as_strided
 from scipy.special import erf
 
 from . import parallel
-from .tensor import Tensor, record
+from .tensor import Tensor, _rows, record
 
 # ----------------------------------------------------------------------------------------------
 # Sums as products with a ones vector
@@ -185,30 +185,60 @@ def silu(x: Tensor) -> Tensor:
 
 
 def softmax(x: Tensor, axis: int) -> Tensor:
-    """y = softmax(x).  dx = J^T g with J = diag(y) - y y^T, i.e.  dx = y * (g - sum(g * y))."""
-    a = x.data
+    """y = softmax(x).  dx = J^T g with J = diag(y) - y y^T, i.e.  dx = y * (g - sum(g * y)).
+
+    A row that is entirely -inf gives uniform weights and a zero gradient (`_empty_rows`)."""
+    a, empty = _empty_rows(x.data, axis)
     exp_shifted = np.exp(a - a.max(axis=axis, keepdims=True))
     y = exp_shifted / _sum(exp_shifted, axis)
-    return record("softmax", y, (x,), lambda g: (y * (g - _sum(g * y, axis)),))
+
+    def backward(g):
+        return (_zero_where(empty, y * (g - _sum(g * y, axis))),)
+
+    return record("softmax", y, (x,), backward)
 
 
 def log_softmax(x: Tensor, axis: int) -> Tensor:
-    """y = x - logsumexp(x).  dy_i/dx_j = delta_ij - softmax_j, so dx = g - softmax(x) sum(g)."""
-    y = _log_softmax(x.data, axis)
-    return record("log_softmax", y, (x,), lambda g: (g - np.exp(y) * _sum(g, axis),))
+    """y = x - logsumexp(x).  dy_i/dx_j = delta_ij - softmax_j, so dx = g - softmax(x) sum(g).
+
+    A row that is entirely -inf gives log(1/n) and a zero gradient (`_empty_rows`)."""
+    a, empty = _empty_rows(x.data, axis)
+    y = _log_softmax(a, axis)
+    return record(
+        "log_softmax", y, (x,), lambda g: (_zero_where(empty, g - np.exp(y) * _sum(g, axis)),)
+    )
 
 
 def logsumexp(x: Tensor, axis: int, keepdims: bool) -> Tensor:
-    """y = log sum_i e^{x_i}.  dy/dx_i = e^{x_i} / sum_j e^{x_j} = softmax(x)_i."""
-    a = x.data
+    """y = log sum_i e^{x_i}.  dy/dx_i = e^{x_i} / sum_j e^{x_j} = softmax(x)_i.
+
+    A row that is entirely -inf gives -inf (log 0, as PyTorch) and a zero gradient."""
+    a, empty = _empty_rows(x.data, axis)
     lse = _logsumexp(a, axis)
+    if empty is not None:
+        lse[empty] = -np.inf
     out = lse if keepdims else np.squeeze(lse, axis=axis)
 
     def backward(g):
         g = g if keepdims else np.expand_dims(g, axis)
-        return (g * np.exp(_log_softmax(a, axis)),)  # not exp(x - lse): lse is rounded
+        return (_zero_where(empty, g * np.exp(_log_softmax(a, axis))),)  # not exp(x - lse)
 
     return record("logsumexp", out, (x,), backward, saved=(x,))
+
+
+def _empty_rows(a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows along `axis` that are entirely -inf ("nothing allowed"), where x - max(x) would be
+    -inf - (-inf) = NaN: returns a with those rows set to 0 (so softmax is uniform there) and
+    their mask (keepdims), or a itself and None when there is no such row (the usual case)."""
+    empty = np.isneginf(a.max(axis=axis, keepdims=True))
+    if not empty.any():
+        return a, None
+    return np.where(empty, np.zeros((), a.dtype), a), empty
+
+
+def _zero_where(empty: np.ndarray | None, grad: np.ndarray) -> np.ndarray:
+    """The gradient with the rows of `empty` (an all -inf input row) set to 0."""
+    return grad if empty is None else np.where(empty, np.zeros((), grad.dtype), grad)
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -218,7 +248,8 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
 
 def _log_softmax(a: np.ndarray, axis: int) -> np.ndarray:
     """(x - m) - log sum e^{x - m}: x - m is exact, so this keeps its precision for |x| ~ 1e4,
-    where x - logsumexp(x) would lose it (logsumexp is rounded at the scale of x)."""
+    where x - logsumexp(x) would lose it (logsumexp is rounded at the scale of x).
+    The caller has replaced rows that are entirely -inf (`_empty_rows`)."""
     shifted = a - a.max(axis=axis, keepdims=True)
     return shifted - np.log(_sum(np.exp(shifted), axis))
 
@@ -236,17 +267,21 @@ def cross_entropy(
     t = targets.reshape(-1)
     kept = t != ignore_index
     count = int(kept.sum())
+    z, empty = _empty_rows(z, -1)  # a row of -inf logits: uniform p, no gradient
     log_p = _log_softmax(z, -1)
     safe_t = np.where(kept, t, 0)
     rows = np.arange(len(t))
     eps = label_smoothing
-    per_row = -(1 - eps) * log_p[rows, safe_t] - (eps / n_classes) * log_p.sum(-1)
+    per_row = -(1 - eps) * log_p[rows, safe_t]
+    if eps:  # (not 0 * sum: a logit of -inf makes that sum -inf, and 0 * -inf is NaN)
+        per_row -= (eps / n_classes) * log_p.sum(-1)
     loss = np.asarray((per_row * kept).sum() / max(count, 1), dtype=logits.dtype)
 
     def backward(g):
         grad = np.exp(log_p) - eps / n_classes  # p - eps / C
         grad[rows, safe_t] -= 1 - eps  # p - q
         grad *= (kept * (g / max(count, 1)))[:, None]
+        grad = _zero_where(empty, grad)
         return (grad.reshape(logits.shape).astype(logits.dtype, copy=False),)
 
     return record("cross_entropy", loss, (logits,), backward)
@@ -314,7 +349,7 @@ def _affine(op, x, xhat, rstd, weight, bias, grouped, axes) -> Tensor:
         gx -= _mean(g_xhat, axes)  # gh - mean(gh) - xhat mean(gh xhat),
         gx *= rstd  # all / sqrt(var + eps)
         grads = [gx.reshape(x.shape)]
-        g_rows = g.reshape(-1, g.shape[-1])  # (N, ..., C) -> (rows, C): sums over rows are GEMVs
+        g_rows = _rows(g)  # (N, ..., C) -> (rows, C): sums over rows are GEMVs
         if weight is not None:
             grads.append(_sum(g_rows * xhat.reshape(g_rows.shape), 0)[0])  # dw
         if bias is not None:
@@ -335,12 +370,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     dx = g W^T,  dW = x^T g,  db = sum of g's rows. The input and weight gradients are two
     products of the same size: they run at once on the two threads (tinymm.parallel.both)."""
     lead = x.shape[:-1]
-    x_rows = x.data.reshape(-1, x.shape[-1])  # (N, ..., in) -> (N*..., in)
+    x_rows = _rows(x.data)  # (N, ..., in) -> (N*..., in)
     out = parallel.matmul(x_rows, weight.data, None if bias is None else bias.data)
     inputs = (x, weight) if bias is None else (x, weight, bias)
 
     def backward(g):
-        g_rows = g.reshape(-1, g.shape[-1])
+        g_rows = _rows(g)
 
         def weight_grads():
             gw = parallel.matmul(x_rows.T, g_rows) if weight.requires_grad else None
@@ -445,9 +480,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: np.ndarray | None) -> tu
 
     scores_t = np.empty((lk, int(np.prod(batch)) * lq), dtype)  # S^T, keys first
     parallel.matmul(kd, np.swapaxes(q_scaled, -1, -2), out=per_sequence(scores_t))  # K Q^T/sqrt d
+    nothing_allowed = None  # the queries (columns) that may attend to no key at all
     if allowed is not None:  # (..., L_q, L_k) -> keys first, as scores_t
         blocked = np.moveaxis(np.broadcast_to(~allowed, (*batch, lq, lk)), -1, 0)
-        np.copyto(scores_t, np.finfo(dtype).min, where=blocked.reshape(scores_t.shape))
+        blocked = blocked.reshape(scores_t.shape)
+        np.copyto(scores_t, np.finfo(dtype).min, where=blocked)
+        nothing_allowed = blocked.all(axis=0)
+        nothing_allowed = nothing_allowed if nothing_allowed.any() else None
 
     weights_t = np.empty_like(scores_t)  # P^T, keys first
 
@@ -474,6 +513,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: np.ndarray | None) -> tu
             ds *= p  # times P^T
 
         parallel.rows(softmax_backward, weights_t.T)
+        if nothing_allowed is not None:  # their uniform weights do not depend on Q or K
+            g_scores_t[:, nothing_allowed] = 0
         g_scores_seq = per_sequence(g_scores_t)  # dS^T per sequence (..., L_k, L_q)
         gq = parallel.matmul(np.swapaxes(g_scores_seq, -1, -2), k_scaled)  # dQ = dS K / sqrt d
         gk = parallel.matmul(g_scores_seq, q_scaled)  # dK = dS^T Q / sqrt(d)

@@ -302,9 +302,11 @@ class _FlatGroup:
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
-    for key in ("lr", "momentum", "weight_decay", "eps"):
+    for key in ("lr", "momentum", "weight_decay"):
         if key in group and not group[key] >= 0:
             raise ValueError(f"invalid {key}: {group[key]!r} (expected a number >= 0)")
+    if "eps" in group and not group["eps"] > 0:  # eps = 0: a gradient that stays 0 gives 0/0
+        raise ValueError(f"invalid eps: {group['eps']!r} (expected a number > 0)")
     if "betas" in group and not all(0.0 <= b < 1.0 for b in group["betas"]):
         raise ValueError(f"invalid betas: {group['betas']!r} (expected each in [0, 1))")
     if group.get("nesterov") and not group["momentum"] > 0:
@@ -439,6 +441,8 @@ def clip_grad_norm_(params: Iterable[Tensor] | Tensor, max_norm: float) -> float
     Returns ||g|| before clipping, as a float (worth logging: spikes show instability).
     Parameters without a gradient are skipped.
     """
+    if not max_norm >= 0:  # a negative max_norm would flip the sign of every gradient
+        raise ValueError(f"clip_grad_norm_: max_norm must be >= 0, got {max_norm!r}")
     params = [params] if isinstance(params, Tensor) else params
     grads = [p.grad for p in params if p.grad is not None]
     total = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
@@ -463,6 +467,8 @@ def cosine_schedule(
     """
     if not 0 <= warmup < total:
         raise ValueError(f"need 0 <= warmup < total, got warmup={warmup}, total={total}")
+    if step < 0:
+        raise ValueError(f"cosine_schedule: step must be >= 0 (0-based), got step={step}")
     if step < warmup:
         return base_lr * (step + 1) / warmup
     s = min(1.0, (step - warmup) / (total - warmup))

@@ -38,6 +38,7 @@ _TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
 _grad_enabled = True
 _rng = np.random.default_rng(0)
 _in_place_clock = 0  # how many in-place changes have happened so far, to any tensor
+_anomaly = False  # inside tinymm.detect_anomaly(): check every op (tinymm/anomaly.py)
 
 
 def manual_seed(seed: int) -> None:
@@ -78,9 +79,10 @@ class Node:
 
     `saved` are the inputs whose values the backward function reads; `made_at` is the in-place
     clock when the node was made (see `Tensor._bump`): a saved tensor changed later is an error.
+    `created_at` (a stack summary) is set only inside `tinymm.detect_anomaly()`.
     """
 
-    __slots__ = ("op", "inputs", "backward", "saved", "made_at")
+    __slots__ = ("op", "inputs", "backward", "saved", "made_at", "created_at")
 
     def __init__(self, op: str, inputs: tuple, backward: Callable, saved: tuple):
         self.op = op
@@ -167,11 +169,17 @@ def record(
     `backward(g)` returns one gradient (or None) per input, in the result's (broadcast) shape.
     """
     out = _new(data if type(data) is np.ndarray else np.asarray(data))
+    if _anomaly:
+        from . import anomaly
+
+        anomaly.check_forward(op, out.data, inputs)
     if _grad_enabled:
         for t in inputs:
             if t.requires_grad:
                 out.requires_grad = True
                 out._node = Node(op, tuple(inputs), backward, tuple(saved))
+                if _anomaly:
+                    out._node.created_at = anomaly.creation_site()
                 break
     return out
 
@@ -254,6 +262,11 @@ class Tensor:
         return self.data
 
     def item(self) -> Any:
+        if self.data.size != 1:
+            raise ValueError(
+                f"item() needs a tensor of exactly one element, this tensor has shape "
+                f"{self.shape} ({self.data.size} elements)"
+            )
         return self.data.item()
 
     def detach(self) -> Tensor:
@@ -346,6 +359,10 @@ class Tensor:
             if node.made_at < _in_place_clock:  # something changed in place since node was made
                 node.check_saved()
             g_inputs = node.backward(g) if g is not None else [None] * len(node.inputs)
+            if _anomaly and g is not None:
+                from . import anomaly
+
+                anomaly.check_backward(node, g, g_inputs)
             for inp, g_inp in zip(node.inputs, g_inputs, strict=True):
                 if not inp.requires_grad:
                     continue
@@ -388,9 +405,37 @@ class Tensor:
         self._version = _in_place_clock
         self._inplace_op = op
 
+    def _in_place_operand(self, op: str, other: Any) -> Any:
+        """The operand of an in-place op as an array; refused while it needs a gradient.
+
+        In-place ops are not recorded in the graph: with gradients on, an operand that requires
+        grad would silently get none from this update."""
+        if isinstance(other, Tensor):
+            if other.requires_grad and _grad_enabled:
+                raise RuntimeError(
+                    f"'{op}' with an operand that requires grad (shape {other.shape}) while "
+                    "gradients are on: in-place ops are not recorded, so that operand would "
+                    f"silently get no gradient from it; use an out-of-place op "
+                    f"({_OUT_OF_PLACE.get(op, 'x = other')}), or wrap the update in "
+                    "`with tm.no_grad():` (or pass other.detach()) if no gradient is wanted"
+                )
+            other = other.data
+        shape = np.shape(other)
+        if shape != self.data.shape:
+            try:
+                fits = np.broadcast_shapes(shape, self.data.shape) == self.data.shape
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"{op}: other of shape {shape} does not broadcast to this tensor's shape "
+                    f"{self.data.shape} (an in-place op cannot change the shape)"
+                )
+        return other
+
     def add_(self, other: Any, alpha: float = 1.0) -> Tensor:
+        other = self._in_place_operand("add_", other)
         self._bump("add_")
-        other = other.data if isinstance(other, Tensor) else other
         if alpha == 1.0:
             self.data += other
         else:
@@ -398,13 +443,15 @@ class Tensor:
         return self
 
     def sub_(self, other: Any) -> Tensor:
+        other = self._in_place_operand("sub_", other)
         self._bump("sub_")
-        self.data -= other.data if isinstance(other, Tensor) else other
+        self.data -= other
         return self
 
     def mul_(self, other: Any) -> Tensor:
+        other = self._in_place_operand("mul_", other)
         self._bump("mul_")
-        self.data *= other.data if isinstance(other, Tensor) else other
+        self.data *= other
         return self
 
     def zero_(self) -> Tensor:
@@ -413,8 +460,9 @@ class Tensor:
         return self
 
     def copy_(self, other: Any) -> Tensor:
+        other = self._in_place_operand("copy_", other)
         self._bump("copy_")
-        self.data[...] = other.data if isinstance(other, Tensor) else other
+        self.data[...] = other
         return self
 
     # --- arithmetic ----------------------------------------------------------------------------
@@ -563,7 +611,7 @@ class Tensor:
 
     # --- reductions ----------------------------------------------------------------------------
     def sum(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
-        shape = self.shape
+        shape, axis = self.shape, _axes("sum", self.shape, axis)
 
         def backward(g):
             return (np.broadcast_to(_keep(g, axis, shape, keepdims), shape),)
@@ -571,7 +619,7 @@ class Tensor:
         return record("sum", self.data.sum(axis=axis, keepdims=keepdims), (self,), backward)
 
     def mean(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
-        shape = self.shape
+        shape, axis = self.shape, _axes("mean", self.shape, axis)
         n = _count(shape, axis)
 
         def backward(g):
@@ -581,13 +629,13 @@ class Tensor:
 
     def var(self, axis: int | tuple | None = None, keepdims: bool = False) -> Tensor:
         """Population variance (ddof=0, as NumPy): mean((x - mean(x))^2)."""
-        x, shape = self.data, self.shape
+        x, shape, axis = self.data, self.shape, _axes("var", self.shape, axis)
         centred = x - x.mean(axis=axis, keepdims=True)
         n = _count(shape, axis)
         out = (centred * centred).mean(axis=axis, keepdims=keepdims)
 
         def backward(g):
-            return (_keep(g, axis, shape, keepdims) * centred * (2 / n),)
+            return (_keep(g, axis, shape, keepdims) * centred * (2 / max(n, 1)),)  # n = 0: empty
 
         return record("var", out, (self,), backward, saved=(self,))
 
@@ -600,7 +648,12 @@ class Tensor:
         return self._extreme(np.min, "min", axis, keepdims)
 
     def _extreme(self, fn: Callable, op: str, axis: Any, keepdims: bool) -> Tensor:
-        x, shape = self.data, self.shape
+        x, shape, axis = self.data, self.shape, _axes(op, self.shape, axis)
+        if _count(shape, axis) == 0:
+            raise ValueError(
+                f"{op}: the {op}imum over axis={axis} of a tensor of shape {shape} has no "
+                "element to take it from (an empty axis)"
+            )
         out = fn(x, axis=axis, keepdims=True)
 
         def backward(g):
@@ -614,34 +667,49 @@ class Tensor:
     def reshape(self, *shape: Any) -> Tensor:
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
         source = self.shape
-        return record("reshape", self.data.reshape(shape), (self,), lambda g: (g.reshape(source),))
+        with _refused("reshape", f"shape={shape!r} for a tensor of shape {source}"):
+            out = self.data.reshape(shape)
+        return record("reshape", out, (self,), lambda g: (g.reshape(source),))
 
     def transpose(self, *axes: Any) -> Tensor:
         """Permute axes (NumPy semantics: no axes reverses them)."""
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], tuple | list) else axes
-        axes = tuple(a % self.ndim for a in axes) if axes else tuple(reversed(range(self.ndim)))
+        if axes:
+            normal = _axes("transpose", self.shape, tuple(axes), "axes")
+            if len(normal) != self.ndim:
+                raise ValueError(
+                    f"transpose: axes={tuple(axes)} must name each of the {self.ndim} axes of a "
+                    f"tensor of shape {self.shape} once"
+                )
+            axes = normal
+        else:
+            axes = tuple(reversed(range(self.ndim)))
         inverse = tuple(np.argsort(axes))
         return record(
             "transpose", self.data.transpose(axes), (self,), lambda g: (g.transpose(inverse),)
         )
 
     def swapaxes(self, a: int, b: int) -> Tensor:
+        _axes("swapaxes", self.shape, a, "a")
+        _axes("swapaxes", self.shape, b, "b")
         return record("swapaxes", self.data.swapaxes(a, b), (self,), lambda g: (g.swapaxes(a, b),))
 
     def squeeze(self, axis: int | tuple | None = None) -> Tensor:
         source = self.shape
-        return record(
-            "squeeze", np.squeeze(self.data, axis), (self,), lambda g: (g.reshape(source),)
-        )
+        with _refused("squeeze", f"axis={axis!r} of a tensor of shape {source}"):
+            out = np.squeeze(self.data, axis)
+        return record("squeeze", out, (self,), lambda g: (g.reshape(source),))
 
     def expand_dims(self, axis: int | tuple) -> Tensor:
         source = self.shape
-        return record(
-            "expand_dims", np.expand_dims(self.data, axis), (self,), lambda g: (g.reshape(source),)
-        )
+        with _refused("expand_dims", f"axis={axis!r} for a tensor of shape {source}"):
+            out = np.expand_dims(self.data, axis)
+        return record("expand_dims", out, (self,), lambda g: (g.reshape(source),))
 
     def broadcast_to(self, shape: tuple) -> Tensor:
-        return record("broadcast_to", np.broadcast_to(self.data, shape), (self,), lambda g: (g,))
+        with _refused("broadcast_to", f"shape={shape!r} from a tensor of shape {self.shape}"):
+            out = np.broadcast_to(self.data, shape)
+        return record("broadcast_to", out, (self,), lambda g: (g,))
 
     def flatten(self) -> Tensor:
         return self.reshape(-1)
@@ -659,7 +727,9 @@ class Tensor:
                 np.add.at(full, index, g)
             return (full,)
 
-        return record("getitem", self.data[index], (self,), backward)
+        with _refused("getitem", f"index {index!r} into a tensor of shape {shape}"):
+            out = self.data[index]
+        return record("getitem", out, (self,), backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -672,6 +742,7 @@ def _data(x: Any) -> Any:
 
 
 _NUMBER = int | float | bool | np.integer | np.bool_
+_OUT_OF_PLACE = {"add_": "x = x + other", "sub_": "x = x - other", "mul_": "x = x * other"}
 
 
 def _check_broadcast(op: str, a: Tensor, b: Tensor) -> None:
@@ -683,6 +754,40 @@ def _check_broadcast(op: str, a: Tensor, b: Tensor) -> None:
                 f"operands of '{op}' cannot be broadcast together: shapes {a.shape} and "
                 f"{b.shape} (each axis, aligned from the right, must be equal or 1)"
             ) from None
+
+
+@contextlib.contextmanager
+def _refused(op: str, arguments: str):
+    """NumPy's refusal of an op's arguments, re-raised as the op's own error that names them
+    (an axis out of range: IndexError, as PyTorch; NumPy's AxisError is also a ValueError)."""
+    try:
+        yield
+    except (ValueError, IndexError, TypeError, ZeroDivisionError) as error:
+        kind = IndexError if isinstance(error, np.exceptions.AxisError) else type(error)
+        kind = ValueError if kind is ZeroDivisionError else kind
+        raise kind(f"{op}: {arguments}: {error}") from None
+
+
+def _axes(op: str, shape: tuple, axis: Any, name: str = "axis") -> Any:
+    """A reduction's `axis` checked and made non-negative: None, an int, or a tuple of ints,
+    each in [-ndim, ndim), none twice. Out of range raises IndexError, as PyTorch (never wraps)."""
+    if axis is None:
+        return None
+    ndim = len(shape)
+    for a in axis if isinstance(axis, tuple | list) else (axis,):
+        if isinstance(a, bool) or not isinstance(a, int | np.integer):
+            raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise IndexError(
+                f"{op}: {name}={axis!r} is out of range for a tensor of shape {shape} "
+                f"(expected an axis in [{-ndim}, {ndim - 1}])"
+            )
+    if not isinstance(axis, tuple | list):
+        return int(axis) % ndim
+    normal = tuple(int(a) % ndim for a in axis)
+    if len(set(normal)) != len(normal):
+        raise ValueError(f"{op}: {name}={tuple(axis)!r} names an axis twice (shape {shape})")
+    return normal
 
 
 def _count(shape: tuple, axis: int | tuple | None) -> int:
@@ -762,9 +867,9 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     if w.ndim == 2:  # fold the leading axes of x: one 2-D product
 
         def backward(g):
-            g2 = g.reshape(-1, g.shape[-1])
+            g2 = _rows(g)
             ga = (g2 @ w.T).reshape(x.shape) if a.requires_grad else None
-            gb = x.reshape(-1, x.shape[-1]).T @ g2 if b.requires_grad else None
+            gb = _rows(x).T @ g2 if b.requires_grad else None
             return ga, gb
 
         return record("matmul", _matmul_nd(x, w), (a, b), backward, saved=(a, b))
@@ -777,9 +882,14 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return record("matmul", np.matmul(x, w), (a, b), backward, saved=(a, b))
 
 
+def _rows(a: np.ndarray) -> np.ndarray:
+    """(..., n) -> (rows, n), the leading axes folded (written out: -1 is ambiguous at size 0)."""
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
+
+
 def _matmul_nd(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if w.ndim == 2 and x.ndim > 2:
-        return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[1],))
+        return (_rows(x) @ w).reshape(x.shape[:-1] + (w.shape[1],))
     return np.matmul(x, w)
 
 
@@ -812,7 +922,9 @@ def where(condition: Any, a: Any, b: Any) -> Tensor:
     cond = np.asarray(_data(condition), dtype=bool)
     a, b = _pair(a, b)
     zero = np.zeros((), dtype=_float(a.data, b.data))
-    out = np.where(cond, a.data, b.data)
+    shapes = f"condition {cond.shape}, a {a.shape}, b {b.shape}"
+    with _refused("where", f"{shapes} do not broadcast together"):
+        out = np.where(cond, a.data, b.data)
     return record(
         "where", out, (a, b), lambda g: (np.where(cond, g, zero), np.where(cond, zero, g))
     )
@@ -821,15 +933,19 @@ def where(condition: Any, a: Any, b: Any) -> Tensor:
 def concatenate(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     """Join tensors along an existing axis."""
     tensors = [_tensor(t) for t in tensors]
+    shapes = [t.shape for t in tensors]
+    with _refused("concatenate", f"tensors of shapes {shapes} along axis={axis!r}"):
+        out = np.concatenate([t.data for t in tensors], axis=axis)
     bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
-    out = np.concatenate([t.data for t in tensors], axis=axis)
     return record("concatenate", out, tensors, lambda g: np.split(g, bounds, axis=axis))
 
 
 def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     """Join tensors along a new axis."""
     tensors = [_tensor(t) for t in tensors]
-    out = np.stack([t.data for t in tensors], axis=axis)
+    shapes = [t.shape for t in tensors]
+    with _refused("stack", f"tensors of shapes {shapes} along a new axis={axis!r}"):
+        out = np.stack([t.data for t in tensors], axis=axis)
     return record(
         "stack", out, tensors, lambda g: [np.take(g, i, axis=axis) for i in range(len(tensors))]
     )
@@ -838,28 +954,37 @@ def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
 def split(x: Tensor, indices_or_sections: int | Sequence[int], axis: int = 0) -> list[Tensor]:
     """np.split for tensors: each piece is a slice of x, with the slice's gradient."""
     x = _tensor(x)
+    axis = _axes("split", x.shape, axis)
     n = x.shape[axis]
-    if isinstance(indices_or_sections, int):
-        if n % indices_or_sections:
+    if isinstance(indices_or_sections, int | np.integer):
+        if indices_or_sections < 1 or n % indices_or_sections:
             raise ValueError(
                 f"split: axis {axis} of length {n} does not divide into "
                 f"{indices_or_sections} equal parts"
             )
         step = n // indices_or_sections
-        cuts = list(range(step, n, step))
+        cuts = [step * i for i in range(1, indices_or_sections)]
     else:
         cuts = list(indices_or_sections)
+        if any(not isinstance(c, int | np.integer) or c < 0 for c in cuts):
+            raise ValueError(
+                f"split: indices_or_sections must be a number of sections or non-negative "
+                f"integer positions, got {indices_or_sections!r}"
+            )
     edges = [0, *cuts, n]
-    lead = (slice(None),) * (axis % x.ndim)
+    lead = (slice(None),) * axis
     return [x[(*lead, slice(lo, hi))] for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def pad(x: Tensor, pad_width: Any, constant_values: float = 0.0) -> Tensor:
     """Constant padding (np.pad semantics for pad_width); the gradient is the inner slice."""
     x = _tensor(x)
-    widths = np.broadcast_to(np.asarray(pad_width, dtype=int), (x.ndim, 2))
+    with _refused("pad", f"pad_width={pad_width!r} for a tensor of shape {x.shape}"):
+        widths = np.broadcast_to(np.asarray(pad_width, dtype=int), (x.ndim, 2))
+        if (widths < 0).any():
+            raise ValueError("widths must be >= 0")
+        out = np.pad(x.data, widths, constant_values=constant_values)
     inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(widths, x.shape, strict=True))
-    out = np.pad(x.data, widths, constant_values=constant_values)
     return record("pad", out, (x,), lambda g: (g[inner],))
 
 
@@ -892,7 +1017,12 @@ def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
 
 
 def _shape(shape: tuple) -> tuple:
-    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+    """A constructor's shape, as zeros(2, 3) or zeros((2, 3)): non-negative integers."""
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
+    for n in shape:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise ValueError(f"shape must be non-negative integers, got {shape!r}")
+    return shape
 
 
 def zeros(*shape: Any, dtype: Any = DEFAULT_DTYPE, requires_grad: bool = False) -> Tensor:
@@ -911,7 +1041,8 @@ def randn(*shape: Any, dtype: Any = DEFAULT_DTYPE, requires_grad: bool = False) 
 
 def arange(*args: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     """np.arange; integer arguments give an integer tensor, float ones float32."""
-    data = np.arange(*args, dtype=dtype)
+    with _refused("arange", f"arguments {args!r}"):
+        data = np.arange(*args, dtype=dtype)
     if dtype is None and data.dtype == np.float64:
         data = data.astype(DEFAULT_DTYPE)
     return Tensor(data, requires_grad=requires_grad)

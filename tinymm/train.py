@@ -179,6 +179,12 @@ def fit(
                 group["lr"] = lr(step)
         out = loss_fn(model, *(a[idx] for a in data))
         loss, metric = out if isinstance(out, tuple) else (out, float("nan"))
+        if not np.isfinite(loss.item()):  # stop before backward spreads it into every weight
+            raise FloatingPointError(
+                f"fit: the loss is {loss.item()} at step {step + 1}/{steps}; the weights are "
+                "as after the previous step. Find the op that made it with "
+                "`with tm.detect_anomaly():` around one step, or lower the learning rate"
+            )
         optimizer.zero_grad()
         loss.backward()
         if clip is not None:

@@ -44,6 +44,8 @@ class TextTransformer(nn.Module):
         """Every token's final state (N, L, dim); with return_weights also the attention
         weights of every block, stacked (depth, N, heads, L, L)."""
         ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be (N, L) token ids, got shape {ids.shape}")
         length = ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence of length {length} is longer than max_len {self.max_len}")
@@ -61,4 +63,16 @@ class TextTransformer(nn.Module):
         """The state at each sequence's [EOS] token (N, dim): causal attention makes it a
         summary of the whole text before it, as CLIP's text tower."""
         states = self.encode(ids)
-        return states[np.arange(len(states)), np.asarray(eos_positions)]
+        n, length = states.shape[:2]
+        eos = np.asarray(eos_positions)
+        if eos.shape != (n,) or not np.issubdtype(eos.dtype, np.integer):
+            raise ValueError(
+                f"eos_positions must be (N,) = ({n},) integer positions, got shape {eos.shape} "
+                f"of {eos.dtype}"
+            )
+        if eos.size and (eos.min() < 0 or eos.max() >= length):  # (-1 would wrap around)
+            raise IndexError(
+                f"eos_positions must lie in [0, {length}) for ids of length {length}, got "
+                f"{eos.min()}..{eos.max()}"
+            )
+        return states[np.arange(n), eos]

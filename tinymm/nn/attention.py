@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .. import functional as F
 from ..tensor import Tensor
-from .layers import MLP, Dropout, LayerNorm, Linear
+from .layers import MLP, Dropout, LayerNorm, Linear, check_sizes
 from .module import Module
 
 
@@ -28,6 +30,7 @@ class MultiHeadAttention(Module):
 
     def __init__(self, dim: int, heads: int, bias: bool = True):
         super().__init__()
+        check_sizes("MultiHeadAttention", dim=dim, heads=heads)
         if dim % heads:
             raise ValueError(f"MultiHeadAttention: dim {dim} is not divisible by heads {heads}")
         self.dim, self.heads = dim, heads
@@ -52,6 +55,13 @@ class MultiHeadAttention(Module):
         (N, heads, L_q, L_k) with True = may attend. Returns (N, L_q, dim), and with
         return_weights the attention weights (N, heads, L_q, L_k)."""
         source = x if context is None else context
+        for name, t in (("x", x), ("context", source)):
+            shape = np.shape(t)
+            if len(shape) != 3 or shape[-1] != self.dim:
+                raise ValueError(
+                    f"MultiHeadAttention(dim={self.dim}): {name} must be (N, L, {self.dim}), "
+                    f"got shape {shape}"
+                )
         q = self._split(self.q_proj(x))
         k = self._split(self.k_proj(source))
         v = self._split(self.v_proj(source))

@@ -6,12 +6,20 @@ Initialisation follows PyTorch's defaults, so results compare with PyTorch model
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from .. import functional as F
 from ..tensor import DEFAULT_DTYPE, Tensor, default_rng
 from .module import Module, Parameter
+
+
+def check_sizes(layer: str, **sizes: Any) -> None:
+    """Each size (features, channels, heads, a kernel) must be an integer >= 1."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{layer}: {name} must be an integer >= 1, got {value!r}")
 
 
 def _uniform(shape: tuple, bound: float) -> Parameter:
@@ -27,6 +35,7 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
+        check_sizes("Linear", in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         bound = 1 / math.sqrt(in_features)
         self.weight = _uniform((in_features, out_features), bound)
@@ -44,6 +53,7 @@ class Embedding(Module):
 
     def __init__(self, num: int, dim: int):
         super().__init__()
+        check_sizes("Embedding", num=num, dim=dim)
         self.num, self.dim = num, dim
         self.weight = Parameter(default_rng().standard_normal((num, dim)).astype(DEFAULT_DTYPE))
 
@@ -59,11 +69,18 @@ class LayerNorm(Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
+        check_sizes("LayerNorm", dim=dim)
         self.dim, self.eps = dim, eps
         self.weight = Parameter(np.ones(dim, dtype=DEFAULT_DTYPE))
         self.bias = Parameter(np.zeros(dim, dtype=DEFAULT_DTYPE))
 
     def forward(self, x: Tensor) -> Tensor:
+        shape = np.shape(x)
+        if not shape or shape[-1] != self.dim:
+            raise ValueError(
+                f"LayerNorm({self.dim}) normalises a last axis of dim={self.dim}, but x has "
+                f"shape {shape} (last axis {shape[-1] if shape else 'missing'})"
+            )
         return F.layer_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -75,13 +92,23 @@ class GroupNorm(Module):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
         super().__init__()
+        check_sizes("GroupNorm", num_groups=num_groups, num_channels=num_channels)
         if num_channels % num_groups:
-            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups}")
+            raise ValueError(
+                f"GroupNorm: num_channels={num_channels} do not split into "
+                f"num_groups={num_groups} groups"
+            )
         self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
         self.weight = Parameter(np.ones(num_channels, dtype=DEFAULT_DTYPE))
         self.bias = Parameter(np.zeros(num_channels, dtype=DEFAULT_DTYPE))
 
     def forward(self, x: Tensor) -> Tensor:
+        shape = np.shape(x)
+        if len(shape) != 4 or shape[-1] != self.num_channels:
+            raise ValueError(
+                f"GroupNorm(num_channels={self.num_channels}) expects x of shape (N, H, W, "
+                f"{self.num_channels}), got {shape}"
+            )
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -95,7 +122,7 @@ class Dropout(Module):
     def __init__(self, p: float = 0.5):
         super().__init__()
         if not 0 <= p < 1:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+            raise ValueError(f"Dropout: p, the dropout probability, must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,6 +151,15 @@ class Conv2d(Module):
         bias: bool = True,
     ):
         super().__init__()
+        check_sizes(
+            "Conv2d",
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+        )
+        if isinstance(padding, bool) or not isinstance(padding, int | np.integer) or padding < 0:
+            raise ValueError(f"Conv2d: padding must be an integer >= 0, got {padding!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         bound = 1 / math.sqrt(in_channels * kernel_size * kernel_size)
@@ -131,6 +167,12 @@ class Conv2d(Module):
         self.bias = _uniform((out_channels,), bound) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
+        shape = np.shape(x)
+        if len(shape) != 4 or shape[-1] != self.in_channels:
+            raise ValueError(
+                f"Conv2d(in_channels={self.in_channels}) expects x of shape (N, H, W, "
+                f"{self.in_channels}), got {shape}"
+            )
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
@@ -156,6 +198,7 @@ class MLP(Module):
 
     def __init__(self, dim: int, hidden: int, out: int | None = None, activation: str = "gelu"):
         super().__init__()
+        check_sizes("MLP", dim=dim, hidden=hidden, **({} if out is None else {"out": out}))
         if activation not in _ACTIVATIONS:
             raise ValueError(
                 f"MLP: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"

@@ -1006,6 +1006,18 @@ FUZZ.update(
             st.sampled_from([0, 4000, 8000]),
             st.sampled_from([-1.0, 0.1, 0.25]),
         ),
+        "data.make_videos": st.builds(
+            lambda n, frames, size, sr: Call(
+                tm.data.make_videos,
+                (n,),
+                {"frames": frames, "image_size": size, "sr": sr},
+                tensors=False,
+            ),
+            st.integers(-1, 2),
+            st.sampled_from([0, 1, 2, 4]),
+            st.sampled_from([-1, 8, 16]),
+            st.sampled_from([0, 2000, 4000]),
+        ),
     }
 )
 
@@ -1050,6 +1062,10 @@ EXEMPT: dict[str, str] = {
     "models.TextTransformer": "built from nn layers, which are fuzzed (tests/test_clip.py)",
     "models.ViT": "built from nn layers, which are fuzzed (tests/test_vit.py)",
     "models.zero_shot_classifier": "takes a CLIP model and prompts (tests/test_clip.py)",
+    "data.VideoData": "a container returned by make_videos (tests/test_video.py)",
+    "models.VideoTransformer": "built from nn layers, which are fuzzed (tests/test_video.py)",
+    "models.FrameBag": "a ViT per frame, built from nn layers (tests/test_video.py)",
+    "models.AudioVisualTransformer": "built from nn layers, which are fuzzed (test_video.py)",
 }
 
 

@@ -79,10 +79,10 @@ options.add_argument("--fusion", choices=FUSIONS, default="lecture")
 options.add_argument("--vision-from", type=Path, default=None, help="lesson 03's clip folder")
 options, rest = options.parse_known_args()
 args = lesson_args("04_vlm", __doc__, rest)
-IMAGE, PATCH = 32, 8  # 4 x 4 = 16 patches
+IMAGE, PATCH = 32, 4  # 8 x 8 = 64 patches
 VIT_DIM, VIT_DEPTH, DIM, DEPTH, HEADS = 64, 4, 64, 3, 4
 VOCAB_SIZE, MAX_LEN = 400, 32
-BATCH, LR, WEIGHT_DECAY = 64, 2e-3, 0.05
+BATCH, LR, WEIGHT_DECAY = 16, 1e-3, 0.05  # BATCH images, each with its 6 questions
 STEPS = args.steps or (30 if args.quick else 2500)
 N_TRAIN, N_VAL, N_TEST = (300, 32, 48) if args.quick else (12_000, 200, 500)
 SHORT_TYPES = [k for k in QUESTION_TYPES if k != "describe"]  # one-word-or-two answers
@@ -100,6 +100,12 @@ print(
 )
 print(f"e.g. {train.questions[0]!r} -> {train.answers[0]!r}")
 
+
+def per_image(*arrays):
+    """(Q, L) arrays of image-major questions -> (images, 6, L): a batch takes whole images."""
+    return [a.reshape(-1, len(QUESTION_TYPES), a.shape[-1]) for a in arrays]
+
+
 # --- model: ViT patch tokens + the decoder that fuses them --------------------------------------
 if options.vision_from is not None:
     clip, _ = load_clip(options.vision_from)
@@ -116,12 +122,23 @@ print(f"VLM ({options.fusion} fusion): {model.num_parameters():,} parameters")
 
 # --- train: cross entropy on the answer tokens only --------------------------------------------
 def loss_fn(model, image, ids, targets, mask):
-    length = int(mask.any(axis=0).sum())  # the batch's longest turn: drop all-padding columns
-    ids, targets, mask = ids[:, :length], targets[:, :length], mask[:, :length]
-    logits = model(train.scenes.images[image], ids, mask)  # (N, L, vocab)
-    loss = F.cross_entropy(logits, targets)  # ignore_index: no loss on prompt and padding
-    answer = targets != -100
-    return loss, float((logits.data.argmax(-1) == targets)[answer].mean())
+    """Cross entropy over the answer tokens of all six questions about each image of the batch.
+    The images are encoded once; the descriptions (long) and the other questions (short) are
+    decoded as two batches, each cut to its longest turn, so little time goes to padding."""
+    z_img = model.image_tokens(train.scenes.images[image])  # (B, N_img, D)
+    describe = QUESTION_TYPES.index("describe")
+    losses, hits = [], []
+    for kinds in ([k for k in range(len(QUESTION_TYPES)) if k != describe], [describe]):
+        rows = np.repeat(np.arange(len(image)), len(kinds))  # image of each question
+        i, t, m = (a[:, kinds].reshape(len(rows), -1) for a in (ids, targets, mask))  # (B k, L)
+        length = int(m.any(axis=0).sum())  # drop the all-padding columns
+        logits = model.decode(z_img[rows], i[:, :length], m[:, :length])  # (B k, L, vocab)
+        answer = t[:, :length] != -100
+        # ignore_index: no loss on the prompt and the padding; weighted by answer tokens
+        losses.append(F.cross_entropy(logits, t[:, :length]) * float(answer.sum()))
+        hits.append((logits.data.argmax(-1) == t[:, :length])[answer])
+    n_tokens = sum(len(h) for h in hits)
+    return (losses[0] + losses[1]) / n_tokens, float(np.concatenate(hits).mean())
 
 
 def answer(split, images=None, batch=256) -> list[str]:
@@ -165,7 +182,8 @@ def evaluate():
     model.eval()
     s = scores(val, answer(val))
     model.train()
-    return {"val_vqa": s["vqa_accuracy"], "val_caption": s["caption_objects_exact"]}
+    per_type = {k: s[f"vqa_{k}"] for k in SHORT_TYPES}
+    return {"val_vqa": s["vqa_accuracy"], **per_type, "val_caption": s["caption_objects_exact"]}
 
 
 optimizer = optim.AdamW(optim.weight_decay_groups(model, WEIGHT_DECAY), lr=LR)
@@ -173,7 +191,7 @@ history = fit(
     model,
     optimizer,
     loss_fn,
-    (train.image, train_ids, train_targets, train_mask),
+    (np.arange(len(train.scenes)), *per_image(train_ids, train_targets, train_mask)),
     steps=STEPS,
     batch_size=BATCH,
     seed=args.seed,

@@ -23,6 +23,11 @@ LESSONS = {  # lesson -> (result keys besides seconds/seed, figures it must save
         | {"recall_i2t", "recall_t2i"},
         {"similarity.png", "zero_shot.png", "temperature.png", "loss.png"},
     ),
+    "04_vlm": (
+        {"vqa_accuracy", "caption_objects_exact", "swapped_image_accuracy", "cache_same_tokens"}
+        | {f"vqa_{k}" for k in ("colour", "shape", "position", "size", "exists")},
+        {"dialogue.png", "answer_attention.png", "fused_attention.png", "loss.png"},
+    ),
     "06_audio": (
         {"test_accuracy"},
         {

@@ -210,6 +210,7 @@ class VLM(nn.Module):
         self.max_len, self.vision_ids = max_len, vision_ids
         self.vision = vision
         self.image_projection = nn.Linear(vision.dim, dim)  # W_proj
+        self.image_positions = sincos_2d(*vision.grid, dim, vision.grid)  # (N_p, D), constant
         rng = default_rng()
         self.token_embedding = nn.Embedding(vocab_size, dim)  # E_tok
         self.token_embedding.weight.data[...] = 0.02 * rng.standard_normal((vocab_size, dim))
@@ -231,6 +232,7 @@ class VLM(nn.Module):
         between the vision start/end embeddings when vision_ids are set. With return_weights
         also the resampler's weights (N, heads, M, N_p), or None."""
         patches = self.image_projection(self.vision.encode(images)[:, 1:])  # (N, N_p, D)
+        patches = patches + self.image_positions.astype(patches.dtype)  # fixed 2-D positions
         weights = None
         if self.resampler is not None:
             patches = self.resampler(patches, return_weights=return_weights)

@@ -2,8 +2,9 @@
 
 Following the lecture (image-to-text models, Qwen-VL):
 
-1. Patch embeddings of the image from a ViT, projected to the decoder's width D:
-       Z_img = ViT(X)[patches] W_proj in R^{N x D},  N = number of patches     image_tokens
+1. Patch embeddings of the image from a ViT, projected to the decoder's width D, plus fixed
+   2-D sin-cos codes of the patches' places (as Qwen-VL's adapter adds; `sincos_2d`):
+       Z_img = ViT(X)[patches] W_proj + P_2d in R^{N x D},  N = number of patches  image_tokens
    (with `vision_ids`, bracketed by the <|vision_start|> / <|vision_end|> token embeddings).
 2. Text tokens mapped to embeddings, plus learned positions:
        Z_text = E_tok[ids] + E_pos in R^{L x D}                                 text_tokens

@@ -79,11 +79,11 @@ options.add_argument("--fusion", choices=FUSIONS, default="lecture")
 options.add_argument("--vision-from", type=Path, default=None, help="lesson 03's clip folder")
 options, rest = options.parse_known_args()
 args = lesson_args("04_vlm", __doc__, rest)
-IMAGE, PATCH = 32, 4  # 8 x 8 = 64 patches
+IMAGE, PATCH = 32, 8  # 4 x 4 = 16 patches
 VIT_DIM, VIT_DEPTH, DIM, DEPTH, HEADS = 64, 4, 64, 3, 4
 VOCAB_SIZE, MAX_LEN = 400, 32
-BATCH, LR, WEIGHT_DECAY = 16, 1e-3, 0.05  # BATCH images, each with its 6 questions
-STEPS = args.steps or (30 if args.quick else 2500)
+BATCH, LR, WEIGHT_DECAY = 32, 1e-3, 0.05  # BATCH images, each with its 6 questions
+STEPS = args.steps or (30 if args.quick else 3000)
 N_TRAIN, N_VAL, N_TEST = (300, 32, 48) if args.quick else (12_000, 200, 500)
 SHORT_TYPES = [k for k in QUESTION_TYPES if k != "describe"]  # one-word-or-two answers
 tm.manual_seed(args.seed)

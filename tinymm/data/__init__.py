@@ -1,6 +1,7 @@
-"""Synthetic, seeded data sets (shapes, sounds), the tokenizer, and batching."""
+"""Synthetic, seeded data sets (shapes, two-object Q&A, sounds), the tokenizer, and batching."""
 
 from .batching import batches
+from .qa import QUESTION_TYPES, make_qa, qa_splits
 from .shapes import (
     COLOURS,
     HELDOUT_PAIRS,
@@ -21,13 +22,16 @@ __all__ = [
     "COLOURS",
     "HELDOUT_PAIRS",
     "POSITIONS",
+    "QUESTION_TYPES",
     "SHAPES",
     "SIZES",
     "SOUND_CLASSES",
     "ShapesData",
     "batches",
+    "make_qa",
     "make_shapes",
     "make_sounds",
     "parse_caption",
+    "qa_splits",
     "splits",
 ]

@@ -3,5 +3,6 @@
 from .clip import CLIP, zero_shot_classifier
 from .text import TextTransformer
 from .vit import ViT
+from .vlm import VLM
 
-__all__ = ["CLIP", "TextTransformer", "ViT", "zero_shot_classifier"]
+__all__ = ["CLIP", "TextTransformer", "ViT", "VLM", "zero_shot_classifier"]

@@ -39,6 +39,16 @@ answering from the question alone gives (answer_prior_accuracy: the most common 
 of each question type). Generation speed with and without the KV cache, same prompts, same
 answers.
 
+Training: each step takes 32 training images with all six of their questions (192 turns); an
+image is encoded once, and the short turns and the descriptions are decoded as two batches so
+little time goes to padding (loss_fn). What the model learns first, and last (val scores in the
+progress lines): sizes and "a colour that is in the picture" within ~750 steps, positions by
+~1500 (binding by colour is easy: colour is in the pixels of a patch), shapes last. Shape is the
+bottleneck: a ViT from scratch sees ~100k images in 3000 steps, while lesson 03's CLIP needed
+~300k to know its shapes. Tried and dropped (seed 0, same steps): 64 patches of 4 px (slower
+per step and slower to learn here), a ViT of width 128, batches of 64 images with two turns each
+(better descriptions, worse short answers), learning rates 5e-4 and 3e-3 (1e-3 learns fastest).
+
 Options besides the lesson contract's: --fusion lecture|prefix|resampler (the alternatives of
 models/vlm.py, same data and steps, for the README's table), --vision-from runs/03_clip/clip
 (start the vision tower from lesson 03's trained CLIP; the default trains from scratch).

@@ -42,6 +42,9 @@ pairs cannot be memorised) and steps (2400; at 1200 the unseen pairs score ~0.85
 On the held-out images each colour comes with one shape only, so retrieval there can succeed on
 colour, size and position alone; the shape and pair scores are the test of shape.
 
+The trained model is saved under runs/03_clip/clip/ (weights, tokenizer, config;
+models.clip.load_clip reads it back): lesson 04 can start its vision tower from it.
+
 What to look at: runs/03_clip/similarity.png (the lecture's matrix, bright diagonal),
 zero_shot.png (unseen pairs, top-3 of 48 colour-shape prompts), temperature.png, loss.png.
 """
@@ -55,7 +58,7 @@ from tinymm import functional as F
 from tinymm import optim, viz
 from tinymm.data import COLOURS, HELDOUT_PAIRS, POSITIONS, SHAPES, SIZES, BPETokenizer, splits
 from tinymm.models import CLIP, TextTransformer, ViT, zero_shot_classifier
-from tinymm.models.clip import tokenize
+from tinymm.models.clip import save_clip, tokenize
 from tinymm.train import checkpointing, fit, in_batches, lesson_args, result_line
 
 # --- config ---------------------------------------------------------------------------------------
@@ -186,6 +189,12 @@ print(
     f"'a photo of a {{shape}}': {photo_shape:.3f}, 'a photo of a {{colour}} shape': "
     f"{photo_colour:.3f}, final tau {model.temperature:.4f}"
 )
+
+# --- save: lesson 04 can start its vision tower from this CLIP (--vision-from runs/03_clip/clip) --
+config = dict(image_size=IMAGE_SIZE, patch_size=PATCH, dim=DIM, vit_depth=VIT_DEPTH)
+config |= dict(text_depth=TEXT_DEPTH, heads=HEADS, embed_dim=EMBED_DIM, max_len=MAX_LEN)
+config["vocab_size"] = tokenizer.vocab_size
+print(f"model saved to {save_clip(model, tokenizer, args.out / 'clip', config)}/")
 
 # --- figures -------------------------------------------------------------------------------------
 viz.training_curves(history, args.out / "loss.png", title="CLIP", metric_name="batch recall@1")

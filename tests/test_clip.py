@@ -245,3 +245,26 @@ def test_zero_shot_classifier_averages_templates_then_renormalises(tokenizer):
         np.testing.assert_allclose(W[:, k], mean / np.linalg.norm(mean), atol=1e-5)
     with pytest.raises(ValueError, match="'{}'"):
         zero_shot_classifier(model, tokenizer, ["circle"], ["a photo"])
+
+
+def test_save_clip_then_load_clip_gives_the_same_model_and_tokenizer(tokenizer, tmp_path):
+    from tinymm.models.clip import load_clip, save_clip
+
+    model = small_clip(tokenizer.vocab_size, seed=3)
+    config = dict(image_size=16, patch_size=4, dim=16, vit_depth=1, text_depth=2, heads=2)
+    config |= dict(embed_dim=8, max_len=16, vocab_size=tokenizer.vocab_size)
+    save_clip(model, tokenizer, tmp_path / "clip", config)
+    loaded, loaded_tokenizer = load_clip(tmp_path / "clip")
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value, err_msg=name)
+    assert loaded_tokenizer.merges == tokenizer.merges
+    assert loaded_tokenizer.special_tokens == tokenizer.special_tokens
+    images = np.random.default_rng(0).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    ids, eos = tokenize(tokenizer, TEXTS[:2], 16)
+    with tm.no_grad():
+        for a, b in zip(model(images, ids, eos), loaded(images, ids, eos), strict=True):
+            np.testing.assert_array_equal(a.data, b.data)
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        load_clip(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="config lacks"):
+        save_clip(model, tokenizer, tmp_path / "bad", {"dim": 16})

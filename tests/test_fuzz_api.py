@@ -1006,6 +1006,11 @@ FUZZ.update(
             st.sampled_from([0, 4000, 8000]),
             st.sampled_from([-1.0, 0.1, 0.25]),
         ),
+        "data.make_qa": st.builds(
+            lambda n, size: Call(tm.data.make_qa, (n,), {"image_size": size}, tensors=False),
+            st.integers(-1, 3),
+            st.sampled_from([-1, 8, 16, 32]),
+        ),
         "data.make_videos": st.builds(
             lambda n, frames, size, sr: Call(
                 tm.data.make_videos,
@@ -1063,6 +1068,8 @@ EXEMPT: dict[str, str] = {
     "models.ViT": "built from nn layers, which are fuzzed (tests/test_vit.py)",
     "models.zero_shot_classifier": "takes a CLIP model and prompts (tests/test_clip.py)",
     "data.VideoData": "a container returned by make_videos (tests/test_video.py)",
+    "data.qa_splits": "make_qa's splits by image (tests/test_qa.py)",
+    "models.VLM": "built from nn layers, which are fuzzed; generate's errors in tests/test_vlm.py",
     "models.VideoTransformer": "built from nn layers, which are fuzzed (tests/test_video.py)",
     "models.FrameBag": "a ViT per frame, built from nn layers (tests/test_video.py)",
     "models.AudioVisualTransformer": "built from nn layers, which are fuzzed (test_video.py)",

@@ -27,11 +27,15 @@ from .tensor import default_rng, no_grad
 
 
 def lesson_args(
-    name: str, description: str = "", argv: Sequence[str] | None = None
+    name: str,
+    description: str = "",
+    argv: Sequence[str] | None = None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
     """The lesson contract's command line: --quick, --seed, --steps, --out (runs/<name>),
     --reference (the plain compositions instead of the fused kernels, on one thread: slower),
-    --checkpoint PATH and --resume (see `checkpointing`)."""
+    --checkpoint PATH and --resume (see `checkpointing`). `options(parser)` adds the lesson's
+    own, e.g. lambda p: p.add_argument("--fusion", choices=FUSIONS, default="lecture")."""
     parser = argparse.ArgumentParser(
         description=description.strip().splitlines()[0] if description else None
     )
@@ -52,6 +56,8 @@ def lesson_args(
     parser.add_argument(
         "--resume", action="store_true", help="continue from --checkpoint if it exists"
     )
+    if options is not None:
+        options(parser)
     args = parser.parse_args(argv)
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint PATH")

@@ -1113,3 +1113,108 @@ def soundtrack_and_height(
     fig.colorbar(mappable, ax=axes[0, :], label="dB below peak", shrink=0.9)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+# --- lesson 04: vision-language model -------------------------------------------------------------
+
+
+def dialogue_panel(
+    images: np.ndarray,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    truths: Sequence[str],
+    path: str | Path,
+    ncols: int = 4,
+    title: str = "image + question -> generated answer",
+) -> Path:
+    """One panel per turn: the image, the question under it and the generated answer, green
+    if it equals the truth, red (with the truth) if not. images (N, H, W, C)."""
+    n = len(images)
+    fig, axes = _panels(n, ncols, (2.6, 3.1))
+    for ax, image, q, a, t in zip(axes, images, questions, answers, truths, strict=False):
+        ax.imshow(np.clip(image, 0, 1), interpolation="nearest")
+        right = a == t
+        text = f"Q: {_wrap(q, 34)}\nA: {_wrap(a, 34)}" + (
+            "" if right else f"\n(true: {_wrap(t, 28)})"
+        )
+        ax.set_xlabel(text, fontsize=7, color="green" if right else "red", loc="left")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n   ".join(textwrap.wrap(text, width)) or "''"
+
+
+def token_attention(
+    images: np.ndarray,
+    token_labels: Sequence[Sequence[str]],
+    maps: Sequence[np.ndarray],
+    grid: tuple[int, int],
+    path: str | Path,
+    row_titles: Sequence[str] | None = None,
+    title: str = "each answer token's attention over the image patches",
+) -> Path:
+    """One row per example: the image, then for each generated token its attention over the
+    patches drawn over the image. maps[i] (T_i, gh * gw), token_labels[i] T_i strings."""
+    img = np.clip(np.asarray(images, dtype=float), 0, 1)
+    n, h, w, _ = img.shape
+    cols = 1 + max(len(m) for m in maps)
+    fig, axes = plt.subplots(
+        n, cols, figsize=(1.3 * cols + 0.6, 1.45 * n), squeeze=False, layout="constrained"
+    )
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+    for i in range(n):
+        axes[i, 0].imshow(img[i], interpolation="nearest")
+        if row_titles is not None:
+            axes[i, 0].set_title(_wrap(row_titles[i], 22), fontsize=6, loc="left")
+        for j, a in enumerate(np.asarray(maps[i], dtype=float)):
+            ax = axes[i, j + 1]
+            ax.imshow(img[i], interpolation="nearest")
+            ax.imshow(
+                a.reshape(grid) / max(a.max(), 1e-12),
+                cmap="magma",
+                alpha=0.7,
+                vmin=0,
+                vmax=1,
+                extent=extent,
+                interpolation="nearest",
+            )
+            ax.set_title(repr(token_labels[i][j]), fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not ax.images:
+            ax.set_visible(False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def fused_attention(
+    weights: np.ndarray,
+    n_image: int,
+    query_labels: Sequence[str],
+    key_labels: Sequence[str],
+    path: str | Path,
+    title: str = "fused attention: queries from text only, keys [image | text]",
+) -> Path:
+    """The lecture's picture of the fusion: weights (L_q, n_image + L_t), text queries as rows,
+    [image keys | text keys] as columns, a line between the two kinds of keys."""
+    w = np.asarray(weights, dtype=float)
+    fig, ax = plt.subplots(
+        figsize=(0.2 * w.shape[1] + 2.5, 0.22 * w.shape[0] + 1.8), layout="constrained"
+    )
+    mappable = ax.imshow(w, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax.axvline(n_image - 0.5, color="white", linewidth=1.5)
+    ax.set_yticks(range(len(query_labels)), query_labels, fontsize=6)
+    ax.set_xticks(range(len(key_labels)), key_labels, fontsize=6, rotation=90)
+    ax.set_xlabel(f"keys: {n_image} image tokens | text tokens")
+    ax.set_ylabel("queries: text tokens")
+    fig.colorbar(mappable, ax=ax, label="attention weight (mean of heads)")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -1,6 +1,8 @@
-"""Synthetic, seeded data sets (shapes, sounds, videos), the tokenizer, and batching."""
+"""Synthetic, seeded data sets (shapes, two-object Q&A, sounds, videos), the tokenizer, and
+batching."""
 
 from .batching import batches
+from .qa import QUESTION_TYPES, make_qa, qa_splits
 from .shapes import (
     COLOURS,
     HELDOUT_PAIRS,
@@ -22,15 +24,18 @@ __all__ = [
     "COLOURS",
     "HELDOUT_PAIRS",
     "POSITIONS",
+    "QUESTION_TYPES",
     "SHAPES",
     "SIZES",
     "SOUND_CLASSES",
     "ShapesData",
     "VideoData",
     "batches",
+    "make_qa",
     "make_shapes",
     "make_sounds",
     "make_videos",
     "parse_caption",
+    "qa_splits",
     "splits",
 ]

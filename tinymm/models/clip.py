@@ -25,12 +25,14 @@ Shapes: images (N, H, W, C), token ids (N, L), eos_positions (N,) -> embeddings 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from .. import nn
+from .. import io, nn
 from ..data.tokenizer import BPETokenizer
 from ..tensor import DEFAULT_DTYPE, Tensor, no_grad
 from .text import TextTransformer
@@ -132,3 +134,50 @@ def zero_shot_classifier(
     mean = embeds.reshape(len(class_names), len(templates), -1).mean(axis=1)  # (K, d)
     mean /= np.linalg.norm(mean, axis=-1, keepdims=True) + 1e-12
     return mean.T.astype(DEFAULT_DTYPE)  # (d, K)
+
+
+CLIP_CONFIG_KEYS = (
+    "image_size",
+    "patch_size",
+    "dim",
+    "vit_depth",
+    "text_depth",
+    "heads",
+    "embed_dim",
+    "max_len",
+    "vocab_size",
+)
+
+
+def save_clip(
+    model: CLIP, tokenizer: BPETokenizer, folder: str | Path, config: dict[str, int]
+) -> Path:
+    """Write a trained CLIP to `folder`: clip.npz (the state dict, tinymm.io.save),
+    tokenizer.json (BPETokenizer.save) and config.json (the constructor arguments,
+    CLIP_CONFIG_KEYS), so that `load_clip(folder)` rebuilds it. Returns the folder."""
+    if missing := [k for k in CLIP_CONFIG_KEYS if k not in config]:
+        raise ValueError(f"save_clip: config lacks {missing}; it needs {CLIP_CONFIG_KEYS}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    io.save(model.state_dict(), folder / "clip.npz")
+    tokenizer.save(folder / "tokenizer.json")
+    clean = {k: int(config[k]) for k in CLIP_CONFIG_KEYS}
+    (folder / "config.json").write_text(json.dumps(clean, indent=1), encoding="utf-8")
+    return folder
+
+
+def load_clip(folder: str | Path) -> tuple[CLIP, BPETokenizer]:
+    """Rebuild the CLIP and its tokenizer that `save_clip` (lesson 03) wrote to `folder`."""
+    folder = Path(folder)
+    files = [folder / f for f in ("config.json", "clip.npz", "tokenizer.json")]
+    if missing := [str(f) for f in files if not f.is_file()]:
+        raise FileNotFoundError(f"load_clip: {folder} lacks {missing} (run lesson 03 first)")
+    config = json.loads(files[0].read_text(encoding="utf-8"))
+    if absent := [k for k in CLIP_CONFIG_KEYS if k not in config]:
+        raise ValueError(f"load_clip: {files[0]} lacks {absent}")
+    c = config
+    vision = ViT(c["image_size"], c["patch_size"], 3, c["dim"], c["vit_depth"], c["heads"])
+    text = TextTransformer(c["vocab_size"], c["max_len"], c["dim"], c["text_depth"], c["heads"])
+    model = CLIP(vision, text, c["embed_dim"])
+    model.load_state_dict(io.load(files[1]))
+    return model, BPETokenizer.load(files[2])

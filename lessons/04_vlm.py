@@ -1,0 +1,338 @@
+"""Lesson 04: a Qwen-VL style vision-language model: an image and a question in, text out.
+
+The data (tinymm.data.qa): pictures of two objects that differ in shape and colour, and six
+kinds of question about them, answered from the objects' attributes:
+    "what colour is the circle?" -> "red"        "what shape is the red one?" -> "circle"
+    "where is the red circle?" -> "top left"     "is the circle large or small?" -> "small"
+    "is there a blue star?" -> "yes" / "no"      "describe the picture." -> the full caption
+With two objects every answer needs binding: find the object the question names, read the
+attribute it asks for. Train / val / test are different images (qa_splits).
+
+Following the lecture (image-to-text models, Qwen-VL), with the tinymm names of each step:
+
+1. Patch embeddings of the image from a ViT, projected to the decoder's width D:
+       Z_img = ViT(X)[patches] W_proj in R^{N x D},  N = 16 patches of 8x8 px
+   bracketed by the <|vision_start|> / <|vision_end|> embeddings.     VLM.image_tokens, ViT.encode
+2. Text tokens (byte-level BPE, as Qwen's tokenizer, with chat special tokens) mapped to
+   embeddings plus learned positions:
+       <|user|> what colour is the circle? <|assistant|> red <eos>
+       Z_text = E_tok[ids] + E_pos in R^{L x D}    data.qa.chat_batch, train_chat_tokenizer,
+                                                   VLM.text_tokens
+3. Cross-modal fusion in every decoder block:
+       Z_joint = [Z_img, Z_text]
+       Q = LN(Z_text) W^Q,   K = LN(Z_joint) W^K,   V = LN(Z_joint) W^V
+       Z_text <- Z_text + softmax(Q K^T / sqrt(d_k) + M) V W^O,   then an MLP
+   Queries come from the text only; the mask M lets every text token see every image key
+   and the text keys up to itself (causal).          models.vlm.lecture_fusion, joint_mask,
+                                                     F.scaled_dot_product_attention
+4. Next-token logits LN(z_t) W_vocab; the loss is cross entropy on the answer tokens only
+   (every other target is IGNORE_INDEX, as Qwen-VL and nanoVLM train):
+       L = -1/|A| sum_{t in A} log p(s_{t+1} | image, s_<=t)       F.cross_entropy(ignore_index)
+5. Answering: greedy decoding with a KV cache: each block's image keys/values computed once
+   per image, a new token's k, v appended as it is written.              VLM.generate
+
+Evaluation on held-out images: exact match of the generated answer, per question type; the
+description is right when the set of (shape, colour, size, position) objects parsed from it
+(data.parse_caption) equals the truth. Then every test question is asked about a *different*
+test image (swapped_image_accuracy): if the model looks at the image, it falls to about what
+answering from the question alone gives (answer_prior_accuracy: the most common training answer
+of each question type). Generation speed with and without the KV cache, same prompts, same
+answers.
+
+Training: each step takes 32 training images with all six of their questions (192 turns); an
+image is encoded once, and the short turns and the descriptions are decoded as two batches so
+little time goes to padding (loss_fn). What the model learns first, and last (val scores in the
+progress lines): sizes and "a colour that is in the picture" within ~750 steps, positions by
+~1500 (binding by colour is easy: colour is in the pixels of a patch), shapes last. Shape is the
+bottleneck: a ViT from scratch sees ~100k images in 3000 steps, while lesson 03's CLIP needed
+~300k to know its shapes. Tried and dropped (seed 0, same steps): 64 patches of 4 px (slower
+per step and slower to learn here), a ViT of width 128, batches of 64 images with two turns each
+(better descriptions, worse short answers); on colour questions alone, learning rates 5e-4 and
+3e-3 (1e-3 learned fastest). Starting the vision tower from lesson 03's CLIP (--vision-from)
+brings shape to ~0.77 and the answers to ~0.88 in the same steps. Measured results: README.md.
+
+Options besides the lesson contract's: --fusion lecture|prefix|resampler (the alternatives of
+models/vlm.py, same data and steps, for the README's table), --vision-from runs/03_clip/clip
+(start the vision tower from lesson 03's trained CLIP; the default trains from scratch).
+
+What to look at: runs/04_vlm/dialogue.png (questions, answers, right or wrong),
+answer_attention.png (each answer token's attention over the patches: it finds the object),
+fused_attention.png (the lecture's matrix: text queries x [image keys | text keys]), loss.png.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tinymm as tm
+from tinymm import functional as F
+from tinymm import optim, viz
+from tinymm.data import parse_caption
+from tinymm.data.qa import (
+    QUESTION_TYPES,
+    VISION_END,
+    VISION_START,
+    chat_batch,
+    chat_prompt,
+    decode_answer,
+    qa_splits,
+    train_chat_tokenizer,
+)
+from tinymm.models import ViT
+from tinymm.models.clip import load_clip
+from tinymm.models.vlm import FUSIONS, VLM
+from tinymm.train import checkpointing, fit, lesson_args, result_line
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def lesson_options(parser):
+    parser.add_argument("--fusion", choices=FUSIONS, default="lecture")
+    parser.add_argument("--vision-from", type=Path, default=None, help="lesson 03's clip folder")
+
+
+args = lesson_args("04_vlm", __doc__, options=lesson_options)
+
+IMAGE, PATCH = 32, 8  # 4 x 4 = 16 patches
+VIT_DIM, VIT_DEPTH, DIM, DEPTH, HEADS = 64, 4, 64, 3, 4
+VOCAB_SIZE, MAX_LEN = 400, 32
+BATCH, LR, WEIGHT_DECAY = 32, 1e-3, 0.05  # BATCH images, each with its 6 questions
+STEPS = args.steps or (30 if args.quick else 3000)
+N_TRAIN, N_VAL, N_TEST = (300, 32, 48) if args.quick else (12_000, 200, 500)
+SHORT_TYPES = [k for k in QUESTION_TYPES if k != "describe"]  # one-word-or-two answers
+tm.manual_seed(args.seed)
+t_start = time.perf_counter()
+
+# --- data: two-object scenes, six questions per image ---------------------------------------------
+data = qa_splits(N_TRAIN, N_VAL, N_TEST, args.seed, IMAGE)
+train, val, test = data["train"], data["val"], data["test"]
+tokenizer = train_chat_tokenizer(train.questions + train.answers, VOCAB_SIZE)
+train_ids, train_targets, train_mask = chat_batch(tokenizer, train.questions, train.answers)
+print(
+    f"{len(train.scenes)} training images, {len(train)} questions; vocabulary "
+    f"{tokenizer.vocab_size}; up to {train_ids.shape[1]} tokens per turn"
+)
+print(f"e.g. {train.questions[0]!r} -> {train.answers[0]!r}")
+
+
+def per_image(*arrays):
+    """(Q, L) arrays of image-major questions -> (images, 6, L): a batch takes whole images."""
+    return [a.reshape(-1, len(QUESTION_TYPES), a.shape[-1]) for a in arrays]
+
+
+# --- model: ViT patch tokens + the decoder that fuses them --------------------------------------
+if args.vision_from is not None:
+    clip, _ = load_clip(args.vision_from)
+    vision = clip.vision
+    print(f"vision tower from {args.vision_from}: {vision}")
+else:
+    vision = ViT(IMAGE, PATCH, 3, VIT_DIM, VIT_DEPTH, HEADS)
+vision_ids = (tokenizer.special_ids[VISION_START], tokenizer.special_ids[VISION_END])
+model = VLM(
+    vision, tokenizer.vocab_size, DIM, DEPTH, HEADS, args.fusion, MAX_LEN, vision_ids=vision_ids
+)
+print(f"VLM ({args.fusion} fusion): {model.num_parameters():,} parameters")
+
+
+# --- train: cross entropy on the answer tokens only --------------------------------------------
+def loss_fn(model, image, ids, targets, mask):
+    """Cross entropy over the answer tokens of all six questions about each image of the batch.
+    The images are encoded once; the descriptions (long) and the other questions (short) are
+    decoded as two batches, each cut to its longest turn, so little time goes to padding."""
+    z_img = model.image_tokens(train.scenes.images[image])  # (B, N_img, D)
+    describe = QUESTION_TYPES.index("describe")
+    losses, hits = [], []
+    for kinds in ([k for k in range(len(QUESTION_TYPES)) if k != describe], [describe]):
+        rows = np.repeat(np.arange(len(image)), len(kinds))  # image of each question
+        i, t, m = (a[:, kinds].reshape(len(rows), -1) for a in (ids, targets, mask))  # (B k, L)
+        length = int(m.any(axis=0).sum())  # drop the all-padding columns
+        logits = model.decode(z_img[rows], i[:, :length], m[:, :length])  # (B k, L, vocab)
+        answer = t[:, :length] != -100
+        # ignore_index: no loss on the prompt and the padding; weighted by answer tokens
+        losses.append(F.cross_entropy(logits, t[:, :length]) * float(answer.sum()))
+        hits.append((logits.data.argmax(-1) == t[:, :length])[answer])
+    n_tokens = sum(len(h) for h in hits)
+    return (losses[0] + losses[1]) / n_tokens, float(np.concatenate(hits).mean())
+
+
+def answer(split, images=None, batch=256) -> list[str]:
+    """Greedy answers to every question of a split (about `images`, default its own)."""
+    images = split.scenes.images[split.image] if images is None else images
+    prompts = [chat_prompt(tokenizer, q) for q in split.questions]
+    out = [""] * len(split)
+    for kind in range(len(QUESTION_TYPES)):  # a question type at a time: similar lengths
+        rows = np.flatnonzero(split.kind == kind)
+        new = 24 if QUESTION_TYPES[kind] == "describe" else 4
+        for i in range(0, len(rows), batch):
+            r = rows[i : i + batch]
+            ids = model.generate(images[r], [prompts[j] for j in r], new, eos_id=tokenizer.eos_id)
+            for j, generated in zip(r, ids, strict=True):
+                out[j] = decode_answer(tokenizer, generated)
+    return out
+
+
+def objects_match(caption: str, truth: str) -> bool:
+    """The description is right when it names the same set of objects as the truth."""
+    try:
+        return set(parse_caption(caption)) == set(parse_caption(truth))
+    except ValueError:
+        return False
+
+
+def scores(split, answers: list[str]) -> dict[str, float]:
+    right = np.array([a == t for a, t in zip(answers, split.answers, strict=True)])
+    kinds = np.array(QUESTION_TYPES)[split.kind]
+    short = kinds != "describe"
+    out = {"vqa_accuracy": float(right[short].mean())}
+    out |= {f"vqa_{k}": float(right[kinds == k].mean()) for k in SHORT_TYPES}
+    describe = np.flatnonzero(~short)
+    out["caption_objects_exact"] = float(
+        np.mean([objects_match(answers[i], split.answers[i]) for i in describe])
+    )
+    return out
+
+
+def evaluate():
+    model.eval()
+    s = scores(val, answer(val))
+    model.train()
+    per_type = {k: s[f"vqa_{k}"] for k in SHORT_TYPES}
+    return {"val_vqa": s["vqa_accuracy"], **per_type, "val_caption": s["caption_objects_exact"]}
+
+
+optimizer = optim.AdamW(optim.weight_decay_groups(model, WEIGHT_DECAY), lr=LR)
+history = fit(
+    model,
+    optimizer,
+    loss_fn,
+    (np.arange(len(train.scenes)), *per_image(train_ids, train_targets, train_mask)),
+    steps=STEPS,
+    **checkpointing(args, STEPS),
+    batch_size=BATCH,
+    seed=args.seed,
+    lr=lambda step: optim.cosine_schedule(step, STEPS, STEPS // 20, LR, LR / 20),
+    clip=1.0,
+    evaluate=evaluate,
+    eval_every=max(STEPS // 4, 1),
+    log_every=max(STEPS // 20, 1),
+    metric_name="answer-token acc",
+)
+
+# --- evaluate on held-out images ----------------------------------------------------------------
+model.eval()
+answers = answer(test)
+results = scores(test, answers)
+swap = (test.image + len(QUESTION_TYPES)) % len(test.image)  # the next image's question row
+swapped_images = test.scenes.images[test.image[swap]]  # each question about another image
+swapped = answer(test, swapped_images)
+short = test.kind != QUESTION_TYPES.index("describe")
+right_swapped = np.array([a == t for a, t in zip(swapped, test.answers, strict=True)])
+swapped_accuracy = float(right_swapped[short].mean())
+prior = {}  # the most common training answer of each question type
+for kind in range(len(QUESTION_TYPES)):
+    values, counts = np.unique(np.array(train.answers)[train.kind == kind], return_counts=True)
+    prior[kind] = values[counts.argmax()]
+prior_accuracy = float(
+    np.mean([prior[k] == a for k, a, s in zip(test.kind, test.answers, short, strict=True) if s])
+)
+print(f"\nheld-out images ({len(test.scenes)} images, {len(test)} questions):")
+for key, value in results.items():
+    print(f"  {key:<24} {value:.3f}")
+print(
+    f"  asked about another image: {swapped_accuracy:.3f} (answer prior "
+    f"{prior_accuracy:.3f}: the most common training answer of each question type)"
+)
+
+# the KV cache: the same prompts decoded with and without it
+describe = np.flatnonzero(test.kind == QUESTION_TYPES.index("describe"))[:64]
+prompts = [chat_prompt(tokenizer, test.questions[i]) for i in describe]
+speed, generated = {}, {}
+for use_cache in (True, False):
+    t0 = time.perf_counter()
+    ids = model.generate(test.scenes.images[test.image[describe]], prompts, 24, use_cache=use_cache)
+    speed[use_cache] = ids.size / (time.perf_counter() - t0)
+    generated[use_cache] = ids
+same_answers = bool(np.array_equal(generated[True], generated[False]))
+print(
+    f"decoding {len(describe)} descriptions x 24 tokens: {speed[True]:.0f} tokens/s with the KV "
+    f"cache, {speed[False]:.0f} without ({speed[True] / speed[False]:.1f}x); same tokens: "
+    f"{same_answers}"
+)
+
+# --- figures --------------------------------------------------------------------------------------
+out = args.out
+paths = [viz.training_curves(history, out / "loss.png", title=f"VLM ({args.fusion})")]
+show = [int(np.flatnonzero(test.kind == k)[j]) for j in range(2) for k in range(6)]
+paths.append(
+    viz.dialogue_panel(
+        test.scenes.images[test.image[show]],
+        [test.questions[i] for i in show],
+        [answers[i] for i in show],
+        [test.answers[i] for i in show],
+        out / "dialogue.png",
+        ncols=6,
+    )
+)
+# attention of each answer token over the patches: run the answer back through the model
+first = 1 if model.vision_ids else 0  # skip <|vision_start|>
+rows, labels, maps = [], [], []
+focus = [int(np.flatnonzero(test.kind == k)[0]) for k in range(len(QUESTION_TYPES))]
+for i in focus:
+    prompt = chat_prompt(tokenizer, test.questions[i])
+    written = tokenizer.encode(f" {answers[i]}", add_eos=False)[:10]
+    image = test.scenes.images[test.image[[i]]]
+    with tm.no_grad():
+        _, weights = model(image, np.array([prompt + written]), return_weights=True)
+        z_img, to_patches = model.image_tokens(image, return_weights=True)
+    # the query that wrote token j sits one position before it; mean over blocks and heads
+    w = weights[:, 0].mean(axis=(0, 1))[len(prompt) - 1 : len(prompt) - 1 + len(written)]
+    if to_patches is None:  # image tokens are the patches
+        maps.append(w[:, first : first + vision.num_patches])
+    else:  # through the resampler's queries: (T, M) @ (M, N_p)
+        m = model.resampler.num_queries
+        maps.append(w[:, first : first + m] @ np.asarray(to_patches)[0].mean(axis=0))
+    labels.append([tokenizer.decode([t]) for t in written])
+    rows.append(f"{test.questions[i]} -> {answers[i]}")
+paths.append(
+    viz.token_attention(
+        test.scenes.images[test.image[focus]],
+        labels,
+        maps,
+        vision.grid,
+        out / "answer_attention.png",
+        row_titles=rows,
+    )
+)
+i = focus[QUESTION_TYPES.index("colour")]
+prompt = chat_prompt(tokenizer, test.questions[i])
+ids = np.array([prompt + tokenizer.encode(f" {answers[i]}")])
+with tm.no_grad():
+    _, weights = model(test.scenes.images[test.image[[i]]], ids, return_weights=True)
+w = weights[-1, 0].mean(axis=0)  # last block, mean of heads: (L, N_img + L)
+n_img = w.shape[1] - ids.shape[1]
+text_labels = [tokenizer.decode([t], skip_special=False) for t in ids[0]]
+image_labels = [f"i{k}" for k in range(n_img)]
+if model.vision_ids:
+    image_labels[0], image_labels[-1] = "<v>", "</v>"
+paths.append(
+    viz.fused_attention(
+        w, n_img, text_labels, image_labels + text_labels, out / "fused_attention.png"
+    )
+)
+print("figures:", ", ".join(str(p) for p in paths))
+
+result_line(
+    {
+        **results,
+        "swapped_image_accuracy": swapped_accuracy,
+        "answer_prior_accuracy": prior_accuracy,
+        "cache_same_tokens": float(same_answers),
+        "tokens_per_s_cached": round(speed[True], 1),
+        "tokens_per_s_uncached": round(speed[False], 1),
+        "fusion": args.fusion,
+        "train_steps": STEPS,
+    },
+    time.perf_counter() - t_start,
+    args.seed,
+)

@@ -20,16 +20,23 @@ from .module import Module
 
 
 class MultiHeadAttention(Module):
-    """Self- or cross-attention with `heads` heads over sequences (N, L, dim)."""
+    """Self- or cross-attention with `heads` heads over sequences (N, L, dim).
 
-    def __init__(self, dim: int, heads: int, bias: bool = True):
+    context_dim: the width of a cross-attention context when it differs from dim (e.g. text
+    tokens of width 64 read by image features of width 128); k_proj and v_proj map it to dim.
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = True, context_dim: int | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"MultiHeadAttention: dim {dim} is not divisible by heads {heads}")
+        if context_dim is not None and context_dim < 1:
+            raise ValueError(f"MultiHeadAttention: context_dim must be >= 1, got {context_dim}")
         self.dim, self.heads = dim, heads
+        self.context_dim = dim if context_dim is None else context_dim
         self.q_proj = Linear(dim, dim, bias)
-        self.k_proj = Linear(dim, dim, bias)
-        self.v_proj = Linear(dim, dim, bias)
+        self.k_proj = Linear(self.context_dim, dim, bias)
+        self.v_proj = Linear(self.context_dim, dim, bias)
         self.out_proj = Linear(dim, dim, bias)
 
     def _split(self, x: Tensor) -> Tensor:
@@ -44,7 +51,7 @@ class MultiHeadAttention(Module):
         causal: bool = False,
         return_weights: bool = False,
     ) -> Any:
-        """x (N, L_q, dim), context (N, L_k, dim) or None, mask broadcastable to
+        """x (N, L_q, dim), context (N, L_k, context_dim) or None, mask broadcastable to
         (N, heads, L_q, L_k) with True = may attend. Returns (N, L_q, dim), and with
         return_weights the attention weights (N, heads, L_q, L_k)."""
         source = x if context is None else context
@@ -60,7 +67,8 @@ class MultiHeadAttention(Module):
         return (out, weights) if return_weights else out
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}"
+        extra = f", context_dim={self.context_dim}" if self.context_dim != self.dim else ""
+        return f"dim={self.dim}, heads={self.heads}{extra}"
 
 
 class TransformerBlock(Module):

@@ -50,7 +50,7 @@ import numpy as np
 from tinymm import diffusion, functional as F, nn, optim, viz
 from tinymm.data import COLOURS, POSITIONS, SHAPES, SIZES, BPETokenizer, splits
 from tinymm.data.shapes import Attributes, make_caption
-from tinymm.models import TextTransformer
+from tinymm.models import TextTransformer, ViT
 from tinymm.models.autoencoder import KLAutoencoder
 from tinymm.models.unet import UNet
 from tinymm.train import fit, in_batches, lesson_args, result_line
@@ -63,17 +63,17 @@ args = lesson_args("05_diffusion", __doc__, rest)
 args.clip = clip_args.clip
 QUICK = args.quick
 IMAGE_SIZE, LATENT_CHANNELS = 32, 4
-AE_CHANNELS, AE_STEPS, AE_BATCH, AE_LR, KL_WEIGHT = (16, 32, 64), 400, 64, 2e-3, 1e-4
-JUDGE_STEPS, JUDGE_BATCH, JUDGE_LR = 500, 128, 2e-3
+AE_CHANNELS, AE_STEPS, AE_BATCH, AE_LR, KL_WEIGHT = (16, 32, 64), 300, 64, 2e-3, 1e-4
+JUDGE_STEPS, JUDGE_BATCH, JUDGE_LR, JUDGE_DIM = 1500, 64, 2e-3, 48
 TEXT_DIM, TEXT_DEPTH, TEXT_HEADS, VOCAB_SIZE = 64, 2, 4, 300
-UNET_CHANNELS, UNET_HEADS = (64, 128), 4
-STEPS = args.steps or 900
+UNET_CHANNELS, UNET_HEADS = (48, 96), 4
+STEPS = args.steps or 1500
 BATCH, LR, P_UNCOND = 64, 1e-3, 0.1
 GUIDANCE, SWEEP = 3.0, (1.0, 2.0, 3.0, 5.0, 8.0)
 DDIM_STEPS, N_PROMPTS, N_DDPM = 50, 256, 16
 N_TRAIN, N_VAL, N_TEST = 20_000, 512, 1024
 if QUICK:
-    AE_STEPS, JUDGE_STEPS, STEPS = 6, 6, args.steps or 6
+    AE_STEPS, JUDGE_STEPS, STEPS, JUDGE_DIM = 6, 6, args.steps or 6, 16
     AE_CHANNELS, UNET_CHANNELS, TEXT_DIM, VOCAB_SIZE = (8, 8, 16), (16, 32), 16, 280
     DDIM_STEPS, N_PROMPTS, N_DDPM, N_TRAIN, N_VAL, N_TEST = 4, 16, 2, 400, 64, 64
 tm.manual_seed(args.seed)
@@ -139,28 +139,22 @@ t_phase = phase("kl-ae", t_phase)
 
 # --- 5 (trained early). the judge: an attribute classifier on real images only --------------------
 class Judge(nn.Module):
-    """Three conv + average-pool stages, then one linear layer per attribute."""
+    """Lesson 02's ViT with one output per attribute value; read() takes the argmax of each."""
 
-    def __init__(self, width: int = 16):
+    def __init__(self):
         super().__init__()
-        self.convs = nn.ModuleList(
-            nn.Conv2d(c_in, c_out, 3, padding=1)
-            for c_in, c_out in [(3, width), (width, 2 * width), (2 * width, 4 * width)]
-        )
-        self.hidden = nn.Linear(4 * 4 * 4 * width, 128)
-        self.heads = nn.ModuleList(nn.Linear(128, len(v)) for v in ATTRIBUTES.values())
+        classes = sum(len(v) for v in ATTRIBUTES.values())
+        self.vit = ViT(IMAGE_SIZE, 4, 3, JUDGE_DIM, 4, 4, 2, num_classes=classes)
 
     def forward(self, images):
-        h = tm.Tensor(np.asarray(images)) if not isinstance(images, tm.Tensor) else images
-        for conv in self.convs:
-            h = F.avg_pool2d(F.relu(conv(h)), 2)  # 32 -> 16 -> 8 -> 4
-        h = F.relu(self.hidden(h.reshape(len(h.data), -1)))
-        return [head(h) for head in self.heads]  # logits per attribute
+        logits = self.vit(images)  # (N, 6 + 8 + 2 + 9)
+        cuts = np.cumsum([0] + [len(v) for v in ATTRIBUTES.values()])
+        return [logits[:, a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
     def read(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The attribute indices it sees in each image."""
         self.eval()
-        logits = in_batches(lambda x: np.concatenate([lg.data for lg in self(x)], 1), images)
+        logits = in_batches(self.vit, images)
         cuts = np.cumsum([len(v) for v in ATTRIBUTES.values()])[:-1]
         return {a: p.argmax(1) for a, p in zip(ATTRIBUTES, np.split(logits, cuts, 1), strict=True)}
 
@@ -183,13 +177,15 @@ def scores(read: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[s
 judge = Judge()
 fit(
     judge,
-    optim.AdamW(optim.weight_decay_groups(judge, 0.01), lr=JUDGE_LR),
+    optim.AdamW(optim.weight_decay_groups(judge, 0.05), lr=JUDGE_LR),
     judge_loss,
     (train.images, train.shape, train.colour, train.size, train.position),
     steps=JUDGE_STEPS,
     batch_size=JUDGE_BATCH,
     seed=args.seed,
-    lr=lambda step: optim.cosine_schedule(step, JUDGE_STEPS, JUDGE_STEPS // 20, JUDGE_LR, 0.0),
+    lr=lambda step: optim.cosine_schedule(
+        step, JUDGE_STEPS, JUDGE_STEPS // 20, JUDGE_LR, JUDGE_LR / 30
+    ),
     log_every=max(JUDGE_STEPS // 5, 1),
     metric_name="attribute acc",
 )

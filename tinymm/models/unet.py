@@ -5,7 +5,7 @@ layers may include Attention. For example, consider layer output as Queries and 
 Keys and Values to 'condition' images on text." One call of the U-Net is one denoising step: it
 reads the noisy picture x_t, the step t and the text, and predicts the noise eps in x_t.
 
-    x_t (N, H, W, C_in)                                                    eps (N, H, W, C_in)
+    x_t (N, H, W, C_in) + (row, column)                                    eps (N, H, W, C_in)
       |                                                                      ^
     conv_in                                                               conv_out
       |                                                                      |
@@ -26,6 +26,9 @@ reads the noisy picture x_t, the step t and the text, and predicts the noise eps
 - CrossAttention ("layer output as Queries, text token Keys and Values"): the H*W positions
   are tokens, Q = GN(h) W^Q, K = text W^K, V = text W^V, softmax(QK^T/sqrt(d)) V, residual:
       h <- h + reshape(attn(Q, K, V))                                          CrossAttention
+- Where am I: convolutions see only a neighbourhood and cross-attention has no positions, so
+  "in the top left" would have nothing to attach to; two input channels hold each pixel's
+  (row, column) in [-1, 1] (CoordConv, `coordinates`), which the layers carry everywhere.
 - Down-sampling: a stride-2 3x3 convolution; up-sampling ("then up-samples"): nearest x2 then a
   3x3 convolution; the skips carry the fine detail across the U by concatenation.
 
@@ -156,7 +159,7 @@ class UNet(nn.Module):
         self.channels, self.attention = channels, attention
         self.emb_dim = emb_dim or 4 * channels[0]
         self.time_mlp = nn.MLP(channels[0], self.emb_dim, self.emb_dim, activation="silu")
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + 2, channels[0], 3, padding=1)  # + (row, column)
 
         def attn(c: int, on: bool) -> nn.Module | None:
             return CrossAttention(c, context_dim, heads, groups) if on else None
@@ -227,7 +230,7 @@ class UNet(nn.Module):
 
         sinusoid = timestep_embedding(t, self.channels[0]).astype(x.dtype)
         emb = self.time_mlp(Tensor(sinusoid))  # (N, E)
-        h = self.conv_in(x)
+        h = self.conv_in(concatenate([x, Tensor(coordinates(n, height, width, x.dtype))], -1))
         skips = []
         for level, block in enumerate(self.down_blocks):
             h = cross(self.down_attn[level], block(h, emb), f"down {level}")
@@ -247,6 +250,13 @@ class UNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, attention={self.attention}"
+
+
+def coordinates(n: int, height: int, width: int, dtype: Any = np.float32) -> np.ndarray:
+    """Each pixel's (row, column) in [-1, 1], (N, H, W, 2): the input channels that tell every
+    position where it is (CoordConv), so that "top left" can be drawn at the top left."""
+    rows, cols = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    return np.broadcast_to(np.stack([rows, cols], -1), (n, height, width, 2)).astype(dtype)
 
 
 def _groups(groups: int, channels: int) -> int:

@@ -12,7 +12,7 @@ import tinymm as tm
 from tinymm import nn
 from tinymm.gradcheck import gradcheck
 from tinymm.models.autoencoder import KLAutoencoder, kl_divergence
-from tinymm.models.unet import CrossAttention, UNet, timestep_embedding
+from tinymm.models.unet import CrossAttention, UNet, coordinates, timestep_embedding
 
 
 def randomise(model: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
@@ -127,6 +127,14 @@ def test_timestep_embedding_is_the_transformer_sinusoid():
     assert len({tuple(np.round(e, 6)) for e in timestep_embedding(np.arange(1000), 32)}) == 1000
     with pytest.raises(ValueError, match="dim must be even"):
         timestep_embedding(np.array([1]), 7)
+
+
+def test_coordinates_tell_each_position_its_row_and_column():
+    c = coordinates(2, 3, 5)
+    assert c.shape == (2, 3, 5, 2) and c.dtype == np.float32
+    np.testing.assert_array_equal(c[1, :, 0, 0], [-1, 0, 1])  # rows, top to bottom
+    np.testing.assert_array_equal(c[0, 0, :, 1], [-1, -0.5, 0, 0.5, 1])  # columns
+    assert len({tuple(v) for v in c[0].reshape(-1, 2).tolist()}) == 15  # all different
 
 
 def test_unet_rejects_bad_inputs():

@@ -12,7 +12,13 @@ import tinymm as tm
 from tinymm import nn
 from tinymm.gradcheck import gradcheck
 from tinymm.models.autoencoder import KLAutoencoder, kl_divergence
-from tinymm.models.unet import CrossAttention, UNet, coordinates, timestep_embedding
+from tinymm.models.unet import (
+    CrossAttention,
+    UNet,
+    coordinates,
+    position_features,
+    timestep_embedding,
+)
 
 
 def randomise(model: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
@@ -109,6 +115,7 @@ def test_unet_gradcheck():
         "down_blocks.1.skip.weight",
         "downs.0.conv.weight",
         "mid_attn.attn.k_proj.weight",
+        "mid_attn.pos_proj.weight",
         "mid_attn.attn.v_proj.bias",
         "up_attn_0.attn.q_proj.weight",
         "ups.0.conv.weight",
@@ -135,6 +142,19 @@ def test_coordinates_tell_each_position_its_row_and_column():
     np.testing.assert_array_equal(c[1, :, 0, 0], [-1, 0, 1])  # rows, top to bottom
     np.testing.assert_array_equal(c[0, 0, :, 1], [-1, -0.5, 0, 0.5, 1])  # columns
     assert len({tuple(v) for v in c[0].reshape(-1, 2).tolist()}) == 15  # all different
+
+
+def test_position_features_differ_for_every_position_and_reach_the_queries():
+    p = position_features(4, 4, 3)
+    assert p.shape == (16, 12)
+    assert len({tuple(np.round(v, 9)) for v in p}) == 16
+    np.testing.assert_allclose(p[0, [0, 3]], np.sin([-np.pi, -np.pi]), atol=1e-12)
+    tm.manual_seed(0)
+    block = randomise(CrossAttention(4, 3, heads=2, groups=2, frequencies=3), 0)
+    x = np.zeros((1, 4, 4, 4))  # the same features everywhere: only the place differs
+    context = np.random.default_rng(0).standard_normal((1, 5, 3))
+    _, weights = block(tm.Tensor(x), tm.Tensor(context), return_weights=True)
+    assert not np.allclose(weights[0, :, 0], weights[0, :, -1])  # corners read differently
 
 
 def test_unet_rejects_bad_inputs():

@@ -273,9 +273,10 @@ def coordinates(n: int, height: int, width: int, dtype: Any = np.float32) -> np.
 
 def position_features(height: int, width: int, frequencies: int = 4) -> np.ndarray:
     """Fourier features of each position's (row, column) r, c in [-1, 1], row by row:
-    [sin(pi k r), cos(pi k r), sin(pi k c), cos(pi k c)] for k = 1..F -> (H W, 4F) float64."""
+    [sin(pi/2 k r), cos(pi/2 k r) for k = 1..F, then the same of c] -> (H W, 4F) float64."""
     grid = coordinates(1, height, width, np.float64)[0].reshape(-1, 2)  # (HW, 2)
-    angles = np.pi * grid[:, :, None] * np.arange(1, frequencies + 1)  # (HW, 2, F)
+    # pi/2 k, not pi k: at pi k the rows r = -1 and r = 1 would get the same features
+    angles = np.pi / 2 * grid[:, :, None] * np.arange(1, frequencies + 1)  # (HW, 2, F)
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=2).reshape(len(grid), -1)
 
 

@@ -15,7 +15,8 @@ representation." Three models, trained in turn:
    Its token states (N, L, D) are the keys and values the image reads.
 3. The denoiser, a U-Net (models.unet.UNet) on the 8x8x4 latents: ResBlocks that "convolve",
    a stride-2 down-sampling and an "up-sampling" back, skips by concatenation, and
-   CrossAttention where "layer output [are] Queries, and text token Keys and Values":
+   CrossAttention where "layer output [are] Queries, and text token Keys and Values" (each
+   query also knows its place, unet.position_features, and the input its coordinates):
        eps_theta(z_t, t, text)
    Training (tinymm.diffusion): t ~ U{0..T-1}, eps ~ N(0, I), linear betas 1e-4..0.02, T = 1000,
        z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps                      (q_sample)
@@ -32,6 +33,20 @@ representation." Three models, trained in turn:
    generated images of 256 prompts covering every attribute value: gen_<attribute> is the
    fraction it reads as the prompt said, gen_all all four right; at the default guidance scale
    and at s = 1 (gen_all_unguided). samples.npz holds those pictures and their prompts.
+
+Measured (seed 0, default run, 966 s with load ~4-6 on the 2 cores): KL-AE 30.3 dB, judge
+>= 0.98 on every attribute of real images (0.87 all-right on KL-AE reconstructions: the ceiling
+of what the judge can read in a decoded picture); generated at s = 3: colour 0.97, size 0.92,
+shape 0.47, position 0.09, all 0.04 (s = 1: colour 0.86, size 0.78, shape 0.33, all 0.03).
+Colour and size follow the caption and guidance helps them; the U-Net places the object in one
+of the nine cells (it learned the layout) but in a random one: position is NOT conditioned yet,
+and shapes are often round blobs. The targets of issue #16 (shape 0.80, position 0.90, gen_all
++0.15 with guidance) are not met. Tried, in order: a conv-net judge (shape 0.23 on real images;
+a ViT judge reads 0.98); an MSE KL-AE whose log-variance started at 0 (sigma = 1 noise on
+latents of size ~0.1: every shape came back a round blob, so the judge read 0.44 of
+reconstructed shapes; now log sigma^2 starts at -8 and trains 800 steps, 0.88); a wider U-Net
+(64, 128) for 900 steps; CoordConv input channels, then position features in every
+cross-attention query (both left position at chance: 0.10, 0.09); whole-word tokens.
 
 What to look at, under runs/05_diffusion/: forward.png (a picture noised to white noise, in
 pixels and in the latent space), reverse.png (one sample, z_t and the prediction x0_hat decoded

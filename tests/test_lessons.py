@@ -33,6 +33,12 @@ LESSONS = {  # lesson -> (result keys besides seconds/seed, figures it must save
         | {f"vqa_{k}" for k in ("colour", "shape", "position", "size", "exists")},
         {"dialogue.png", "answer_attention.png", "fused_attention.png", "loss.png"},
     ),
+    "05_diffusion": (
+        {"gen_colour", "gen_shape", "gen_size", "gen_position", "gen_all", "gen_all_unguided"}
+        | {"judge_accuracy", "sample_std"},
+        {"forward.png", "reverse.png", "samples.png", "guidance.png", "reconstructions.png"}
+        | {"cross_attention.png", "schedules.png", "loss.png"},
+    ),
     "06_audio": (
         {"test_accuracy"},
         {

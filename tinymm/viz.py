@@ -1218,3 +1218,66 @@ def fused_attention(
     fig.colorbar(mappable, ax=ax, label="attention weight (mean of heads)")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+# --- diffusion (lesson 05) ---------------------------------------------------------------------
+
+
+def image_grid(
+    images: np.ndarray,
+    path: str | Path,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str = "",
+    cell: float = 1.0,
+) -> Path:
+    """A grid of RGB images (rows, cols, H, W, 3) in [0, 1], labelled along both sides."""
+    images = np.clip(np.asarray(images), 0, 1)
+    rows, cols = images.shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols + 1.5, cell * rows + 0.6))
+    axes = np.asarray(axes).reshape(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.imshow(images[i, j], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if col_labels is not None and i == 0:
+                ax.set_title(col_labels[j], fontsize=7)
+            if row_labels is not None and j == 0:
+                ax.set_ylabel(row_labels[i], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def noise_schedules(alphas_cumprod: dict[str, np.ndarray], path: str | Path) -> Path:
+    """abar_t against t for each schedule: how much of the picture is left at step t."""
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    for name, abar in alphas_cumprod.items():
+        ax.plot(np.arange(len(abar)), abar, label=name)
+    ax.set(xlabel="step t", ylabel="abar_t = prod (1 - beta_s)", title="noise schedules")
+    ax.legend(frameon=False)
+    return _save(fig, path)
+
+
+def cross_attention_maps(
+    image: np.ndarray, maps: np.ndarray, words: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """The picture, then one map per text token (L, h, w): how much each image position
+    (query) attends to that token (key)."""
+    n = len(words)
+    fig, axes = plt.subplots(1, n + 1, figsize=(1.3 * (n + 1), 1.8))
+    axes[0].imshow(np.clip(image, 0, 1), interpolation="nearest")
+    axes[0].set_title("sample", fontsize=8)
+    for ax, m, word in zip(axes[1:], maps, words, strict=True):
+        ax.imshow(m, cmap="viridis", vmin=0, vmax=maps.max(), interpolation="nearest")
+        ax.set_title(repr(word), fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

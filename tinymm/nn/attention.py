@@ -26,17 +26,24 @@ class MultiHeadAttention(Module):
 
     As PyTorch's nn.MultiheadAttention with batch_first=True (PyTorch's default is (L, N, dim));
     a boolean mask means True = may attend, the opposite of PyTorch's attn_mask convention for
-    booleans (where True = masked out); `causal=True` is its is_causal."""
+    booleans (where True = masked out); `causal=True` is its is_causal.
 
-    def __init__(self, dim: int, heads: int, bias: bool = True):
+    context_dim: the width of a cross-attention context when it differs from dim (e.g. text
+    tokens of width 64 read by image features of width 128); k_proj and v_proj map it to dim.
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = True, context_dim: int | None = None):
         super().__init__()
         check_sizes("MultiHeadAttention", dim=dim, heads=heads)
         if dim % heads:
             raise ValueError(f"MultiHeadAttention: dim {dim} is not divisible by heads {heads}")
+        if context_dim is not None and context_dim < 1:
+            raise ValueError(f"MultiHeadAttention: context_dim must be >= 1, got {context_dim}")
         self.dim, self.heads = dim, heads
+        self.context_dim = dim if context_dim is None else context_dim
         self.q_proj = Linear(dim, dim, bias)
-        self.k_proj = Linear(dim, dim, bias)
-        self.v_proj = Linear(dim, dim, bias)
+        self.k_proj = Linear(self.context_dim, dim, bias)
+        self.v_proj = Linear(self.context_dim, dim, bias)
         self.out_proj = Linear(dim, dim, bias)
 
     def _split(self, x: Tensor) -> Tensor:
@@ -51,16 +58,18 @@ class MultiHeadAttention(Module):
         causal: bool = False,
         return_weights: bool = False,
     ) -> Any:
-        """x (N, L_q, dim), context (N, L_k, dim) or None, mask broadcastable to
+        """x (N, L_q, dim), context (N, L_k, context_dim) or None, mask broadcastable to
         (N, heads, L_q, L_k) with True = may attend. Returns (N, L_q, dim), and with
         return_weights the attention weights (N, heads, L_q, L_k)."""
         source = x if context is None else context
-        for name, t in (("x", x), ("context", source)):
+        for name, t, width in (("x", x, self.dim), ("context", source, self.context_dim)):
             shape = np.shape(t)
-            if len(shape) != 3 or shape[-1] != self.dim:
+            if context is None and name == "context":
+                continue  # self-attention: the context is x
+            if len(shape) != 3 or shape[-1] != width:
                 raise ValueError(
-                    f"MultiHeadAttention(dim={self.dim}): {name} must be (N, L, {self.dim}), "
-                    f"got shape {shape}"
+                    f"MultiHeadAttention(dim={self.dim}, context_dim={self.context_dim}): "
+                    f"{name} must be (N, L, {width}), got shape {shape}"
                 )
         q = self._split(self.q_proj(x))
         k = self._split(self.k_proj(source))
@@ -74,7 +83,8 @@ class MultiHeadAttention(Module):
         return (out, weights) if return_weights else out
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}"
+        extra = f", context_dim={self.context_dim}" if self.context_dim != self.dim else ""
+        return f"dim={self.dim}, heads={self.heads}{extra}"
 
 
 class TransformerBlock(Module):

@@ -410,6 +410,8 @@ class Tensor:
 
         In-place ops are not recorded in the graph: with gradients on, an operand that requires
         grad would silently get none from this update."""
+        if type(other) is np.ndarray and other.shape == self.data.shape:
+            return other  # the optimizers' case: nothing to check
         if isinstance(other, Tensor):
             if other.requires_grad and _grad_enabled:
                 raise RuntimeError(
@@ -667,14 +669,20 @@ class Tensor:
     def reshape(self, *shape: Any) -> Tensor:
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
         source = self.shape
-        with _refused("reshape", f"shape={shape!r} for a tensor of shape {source}"):
+        try:
             out = self.data.reshape(shape)
+        except (ValueError, TypeError) as error:  # the message is formatted only on failure
+            raise _refusal(
+                "reshape", f"shape={shape!r} for a tensor of shape {source}", error
+            ) from None
         return record("reshape", out, (self,), lambda g: (g.reshape(source),))
 
     def transpose(self, *axes: Any) -> Tensor:
         """Permute axes (NumPy semantics: no axes reverses them)."""
         axes = axes[0] if len(axes) == 1 and isinstance(axes[0], tuple | list) else axes
-        if axes:
+        if axes and sorted(axes) == list(range(self.ndim)):
+            axes = tuple(axes)  # already a permutation of 0..ndim-1: nothing to normalise
+        elif axes:
             normal = _axes("transpose", self.shape, tuple(axes), "axes")
             if len(normal) != self.ndim:
                 raise ValueError(
@@ -727,8 +735,12 @@ class Tensor:
                 np.add.at(full, index, g)
             return (full,)
 
-        with _refused("getitem", f"index {index!r} into a tensor of shape {shape}"):
+        try:
             out = self.data[index]
+        except (ValueError, IndexError, TypeError) as error:
+            raise _refusal(
+                "getitem", f"index {index!r} into a tensor of shape {shape}", error
+            ) from None
         return record("getitem", out, (self,), backward)
 
 
@@ -763,9 +775,16 @@ def _refused(op: str, arguments: str):
     try:
         yield
     except (ValueError, IndexError, TypeError, ZeroDivisionError) as error:
-        kind = IndexError if isinstance(error, np.exceptions.AxisError) else type(error)
-        kind = ValueError if kind is ZeroDivisionError else kind
-        raise kind(f"{op}: {arguments}: {error}") from None
+        raise _refusal(op, arguments, error) from None
+
+
+def _refusal(op: str, arguments: str, error: Exception) -> Exception:
+    """The error `_refused` raises; hot ops (reshape, indexing) build it only when NumPy has
+    refused, so that the message is not formatted on every call."""
+    kind = IndexError if isinstance(error, np.exceptions.AxisError) else type(error)
+    kind = ValueError if kind is ZeroDivisionError else kind
+    refusal = kind(f"{op}: {arguments}: {error}")
+    return refusal
 
 
 def _axes(op: str, shape: tuple, axis: Any, name: str = "axis") -> Any:
@@ -884,6 +903,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 
 def _rows(a: np.ndarray) -> np.ndarray:
     """(..., n) -> (rows, n), the leading axes folded (written out: -1 is ambiguous at size 0)."""
+    if a.size:
+        return a.reshape(-1, a.shape[-1])
     return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])
 
 

@@ -106,6 +106,22 @@ def attention_maps(
 # --- audio (lesson 06) -------------------------------------------------------------------------
 
 
+def _heat_over(ax: Any, image: np.ndarray, heat: np.ndarray, peak: float | None = None) -> None:
+    """`image` (H, W, C) with `heat` (a coarser grid, e.g. one value per patch) stretched over it
+    in the magma colours, scaled to `peak` (default: heat's own maximum)."""
+    h, w = image.shape[:2]
+    ax.imshow(image, interpolation="nearest")
+    ax.imshow(
+        heat / max(heat.max() if peak is None else peak, 1e-12),
+        cmap="magma",
+        alpha=0.7,
+        vmin=0,
+        vmax=1,
+        extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+        interpolation="nearest",
+    )
+
+
 def _panels(n: int, ncols: int, size: tuple[float, float]) -> tuple[Any, list[Any]]:
     """A figure with n panels in rows of ncols (unused cells hidden), and the n axes."""
     nrows = -(-n // ncols)
@@ -584,24 +600,12 @@ def cls_attention(
     fig, axes = plt.subplots(
         rows, n, figsize=(1.35 * n + 0.8, 1.45 * rows), squeeze=False, layout="constrained"
     )
-    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
     for i in range(n):
         axes[0, i].imshow(img[i], interpolation="nearest")
         if titles is not None:
             axes[0, i].set_title(titles[i], fontsize=7)
         for k, m in enumerate(maps):
-            ax = axes[k + 1, i]
-            a = np.asarray(m[i], dtype=float).reshape(gh, gw)
-            ax.imshow(img[i], interpolation="nearest")
-            ax.imshow(
-                a / max(a.max(), 1e-12),
-                cmap="magma",
-                alpha=0.7,
-                vmin=0,
-                vmax=1,
-                extent=extent,
-                interpolation="nearest",
-            )
+            _heat_over(axes[k + 1, i], img[i], np.asarray(m[i], dtype=float).reshape(gh, gw))
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -1019,17 +1023,13 @@ def space_time_attention(
         rows, frames, figsize=(0.95 * frames + 1.3, 1.0 * rows + 0.5), squeeze=False
     )
     fig.subplots_adjust(wspace=0.05, hspace=0.12, left=0.12, right=0.99, bottom=0.02, top=0.93)
-    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
     for i in range(n):
         base = i * (1 + len(maps))
         for k in range(frames):
             axes[base, k].imshow(clips[i, k], interpolation="nearest")
             for j, m in enumerate(maps):
-                a = np.asarray(m[i], dtype=float)
-                ax = axes[base + 1 + j, k]
-                ax.imshow(clips[i, k], interpolation="nearest")
-                ax.imshow(a[k // t] / max(a.max(), 1e-12), cmap="magma", alpha=0.7, vmin=0,
-                          vmax=1, extent=extent, interpolation="nearest")  # fmt: skip
+                a = np.asarray(m[i], dtype=float)  # scaled to the clip's peak over space-time
+                _heat_over(axes[base + 1 + j, k], clips[i, k], a[k // t], peak=a.max())
         axes[base, 0].set_ylabel(titles[i] if titles else "clip", fontsize=7)
         for j, name in enumerate(map_names):
             axes[base + 1 + j, 0].set_ylabel(name, fontsize=7)
@@ -1168,23 +1168,13 @@ def token_attention(
     fig, axes = plt.subplots(
         n, cols, figsize=(1.3 * cols + 0.6, 1.45 * n), squeeze=False, layout="constrained"
     )
-    extent = (-0.5, w - 0.5, h - 0.5, -0.5)
     for i in range(n):
         axes[i, 0].imshow(img[i], interpolation="nearest")
         if row_titles is not None:
             axes[i, 0].set_title(_wrap(row_titles[i], 22), fontsize=6, loc="left")
         for j, a in enumerate(np.asarray(maps[i], dtype=float)):
             ax = axes[i, j + 1]
-            ax.imshow(img[i], interpolation="nearest")
-            ax.imshow(
-                a.reshape(grid) / max(a.max(), 1e-12),
-                cmap="magma",
-                alpha=0.7,
-                vmin=0,
-                vmax=1,
-                extent=extent,
-                interpolation="nearest",
-            )
+            _heat_over(ax, img[i], a.reshape(grid))
             ax.set_title(repr(token_labels[i][j]), fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])

@@ -13,7 +13,8 @@ The contract each call must keep (`check_call`):
 
 The list of what must be fuzzed is derived from the package (`public_api`): the `__all__` of
 tinymm, tinymm.functional, tinymm.nn, tinymm.optim, tinymm.data, tinymm.models, the functions
-defined in tinymm.audio, and the public methods and operators of Tensor. Each is either an entry
+and classes defined in tinymm.audio and tinymm.diffusion, and the public methods and operators
+of Tensor. Each is either an entry
 of FUZZ (a hypothesis strategy that draws one `Call`) or of EXEMPT (with the reason);
 `test_every_public_name_is_fuzzed_or_exempt` checks that nothing is left out. To fuzz a new
 function: add one entry to FUZZ, `"module.name": st.builds(...)` or a `@st.composite` drawing a
@@ -39,7 +40,7 @@ from hypothesis.extra import numpy as hnp
 
 import tinymm as tm
 import tinymm.functional as F
-from tinymm import audio, nn
+from tinymm import audio, diffusion, nn
 
 PACKAGE = str(Path(tm.__file__).parent)
 DOCUMENTED = (ValueError, TypeError, IndexError)
@@ -1006,6 +1007,37 @@ FUZZ.update(
             st.sampled_from([0, 4000, 8000]),
             st.sampled_from([-1.0, 0.1, 0.25]),
         ),
+        "diffusion.q_sample": st.builds(
+            lambda x0, noise, t, big_t: Call(
+                diffusion.q_sample,
+                (x0, t, noise, diffusion.Schedule.linear(big_t)),
+                names=("t", "x0", "noise"),
+                tensors=False,
+            ),
+            hnp.arrays(np.float32, st.sampled_from([(3, 2), (2, 2), (3,)])),
+            hnp.arrays(np.float32, st.sampled_from([(3, 2), (2, 2)])),
+            st.one_of(
+                st.integers(-2, 12),
+                hnp.arrays(np.int64, st.sampled_from([(3,), (2,)]), elements=st.integers(-1, 12)),
+                st.just(np.array([0.5, 1.0, 2.0])),
+            ),
+            st.sampled_from([1, 10]),
+        ),
+        "diffusion.guidance": st.builds(
+            lambda a, b, scale: Call(
+                diffusion.guidance,
+                (a, b, scale),
+                expected=lambda a, b, scale: b + scale * (a - b),
+            ),
+            hnp.arrays(np.float64, (2, 3), elements=st.floats(-3, 3)),
+            hnp.arrays(np.float64, (2, 3), elements=st.floats(-3, 3)),
+            st.sampled_from([0.0, 1.0, 3.0]),
+        ),
+        "diffusion.ddim_timesteps": st.builds(
+            lambda big_t, steps: Call(diffusion.ddim_timesteps, (big_t, steps), tensors=False),
+            st.integers(1, 50),
+            st.integers(-1, 60),
+        ),
         "data.make_qa": st.builds(
             lambda n, size: Call(tm.data.make_qa, (n,), {"image_size": size}, tensors=False),
             st.integers(-1, 3),
@@ -1069,6 +1101,11 @@ EXEMPT: dict[str, str] = {
     "models.zero_shot_classifier": "takes a CLIP model and prompts (tests/test_clip.py)",
     "data.VideoData": "a container returned by make_videos (tests/test_video.py)",
     "data.qa_splits": "make_qa's splits by image (tests/test_qa.py)",
+    "diffusion.Schedule": "a class of betas; its checks (range, length) in tests/test_diffusion.py",
+    "diffusion.diffusion_loss": "takes a noise-predicting model (tests/test_diffusion.py)",
+    "diffusion.guided_eps_fn": "wraps a noise-predicting model (tests/test_diffusion.py)",
+    "diffusion.ddpm_sample": "takes a noise predictor; its loop in tests/test_diffusion.py",
+    "diffusion.ddim_sample": "takes a noise predictor; its loop in tests/test_diffusion.py",
     "models.UNet": "built from nn layers, which are fuzzed (tests/test_unet.py)",
     "models.KLAutoencoder": "built from nn layers, which are fuzzed (tests/test_unet.py)",
     "models.VLM": "built from nn layers, which are fuzzed; generate's errors in tests/test_vlm.py",
@@ -1108,13 +1145,14 @@ def public_api() -> set[str]:
             obj = getattr(module, name)
             if callable(obj) and getattr(obj, "__module__", "").startswith("tinymm"):
                 names.add(f"{prefix}.{name}")
-    for name, obj in vars(audio).items():
-        if (
-            inspect.isfunction(obj)
-            and obj.__module__ == audio.__name__
-            and not name.startswith("_")
-        ):
-            names.add(f"audio.{name}")
+    for prefix, module in (("audio", audio), ("diffusion", diffusion)):
+        for name, obj in vars(module).items():
+            if (
+                (inspect.isfunction(obj) or inspect.isclass(obj))
+                and obj.__module__ == module.__name__
+                and not name.startswith("_")
+            ):
+                names.add(f"{prefix}.{name}")
     for name, obj in vars(tm.Tensor).items():
         if (callable(obj) and not name.startswith("_")) or name in TENSOR_OPERATORS:
             names.add(f"Tensor.{name}")

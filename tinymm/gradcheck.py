@@ -64,24 +64,12 @@ def gradcheck(
         if x.data.size <= FULL_JACOBIAN_MAX:
             numeric = np.zeros(x.shape)
             for j in np.ndindex(x.shape):
-                original = x.data[j]
-                x.data[j] = original + eps
-                plus = loss()
-                x.data[j] = original - eps
-                minus = loss()
-                x.data[j] = original
-                numeric[j] = (plus - minus) / (2 * eps)
+                numeric[j] = _partial(loss, x, j, eps)
             _compare(analytic, numeric, atol, rtol, f"input {i} {x.shape}", elementwise=True)
         else:
-            original = x.data.copy()
             for _ in range(directions):
                 v = rng.standard_normal(x.shape)
-                x.data[...] = original + eps * v
-                plus = loss()
-                x.data[...] = original - eps * v
-                minus = loss()
-                x.data[...] = original
-                numeric = (plus - minus) / (2 * eps)
+                numeric = _along(loss, x, v, eps)
                 _compare(
                     np.sum(analytic * v),
                     numeric,

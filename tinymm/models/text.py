@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import nn
+from ..nn.attention import run_blocks
 from ..tensor import DEFAULT_DTYPE, Tensor, default_rng
 
 MLP_ACTIVATION = "gelu_tanh"  # GELU, tanh approximation (as GPT-2): faster here; see nn.MLP
@@ -50,14 +51,10 @@ class TextTransformer(nn.Module):
         if length > self.max_len:
             raise ValueError(f"sequence of length {length} is longer than max_len {self.max_len}")
         x = self.token_embedding(ids) + self.pos_embedding[:length]
-        weights = []
-        for block in self.blocks:
-            x = block(x, causal=True, return_weights=return_weights)
-            if return_weights:
-                x, w = x
-                weights.append(w.data)
+        x = run_blocks(self.blocks, x, causal=True, return_weights=return_weights)
+        x, weights = x if return_weights else (x, None)
         x = self.ln_final(x)
-        return (x, np.stack(weights)) if return_weights else x
+        return (x, weights) if return_weights else x
 
     def forward(self, ids: np.ndarray, eos_positions: np.ndarray) -> Tensor:
         """The state at each sequence's [EOS] token (N, dim): causal attention makes it a

@@ -42,9 +42,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from .. import nn
+from ..nn.attention import run_blocks
 from ..tensor import Tensor, concatenate
 from .vit import ViT, _normal
 
@@ -123,14 +122,10 @@ class TubeletEmbedding(nn.Module):
 def _encode(blocks: nn.ModuleList, ln_final: nn.LayerNorm, z: Tensor, return_weights: bool) -> Any:
     """Transformer blocks and the final norm; with return_weights also the attention weights
     of every block, stacked (depth, N, heads, L, L)."""
-    weights = []
-    for block in blocks:
-        z = block(z, return_weights=return_weights)
-        if return_weights:
-            z, w = z
-            weights.append(w.data)
+    z = run_blocks(blocks, z, return_weights=return_weights)
+    z, weights = z if return_weights else (z, None)
     z = ln_final(z)
-    return (z, np.stack(weights)) if return_weights else z
+    return (z, weights) if return_weights else z
 
 
 def _with_cls(cls_token: Tensor, z: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import functional as F
 from .. import nn
+from ..nn.attention import run_blocks
 from ..tensor import DEFAULT_DTYPE, Tensor, concatenate, default_rng
 
 MLP_ACTIVATION = "gelu_tanh"  # GELU, tanh approximation (as GPT-2): faster here; see nn.MLP
@@ -93,14 +94,10 @@ class ViT(nn.Module):
         n = z.shape[0]
         cls = self.cls_token.broadcast_to((n, 1, self.dim))
         z = concatenate([cls, z], axis=1) + self.pos_embedding  # (N, 1 + N_p, D)
-        weights = []
-        for block in self.blocks:
-            z = block(z, return_weights=return_weights)
-            if return_weights:
-                z, w = z
-                weights.append(w.data)
+        z = run_blocks(self.blocks, z, return_weights=return_weights)
+        z, weights = z if return_weights else (z, None)
         z = self.ln_final(z)
-        return (z, np.stack(weights)) if return_weights else z
+        return (z, weights) if return_weights else z
 
     def forward(self, images: Any) -> Tensor:
         """Class logits (N, num_classes) from the [CLS] token: y~ = MLP(z_cls^L)."""

@@ -117,3 +117,16 @@ class TransformerBlock(Module):
         x = x + self.dropout(h)
         x = x + self.dropout(self.mlp(self.ln2(x)))
         return (x, weights) if return_weights else x
+
+
+def run_blocks(blocks: Any, x: Tensor, causal: bool = False, return_weights: bool = False) -> Any:
+    """x through each transformer block in turn: (N, L, dim) -> (N, L, dim). With
+    return_weights also every block's attention weights, stacked (depth, N, heads, L, L), for
+    figures."""
+    weights = []
+    for block in blocks:
+        x = block(x, causal=causal, return_weights=return_weights)
+        if return_weights:
+            x, w = x
+            weights.append(w.data)
+    return (x, np.stack(weights)) if return_weights else x

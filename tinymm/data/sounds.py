@@ -153,7 +153,8 @@ def _clip(
     snr_db: tuple[float, float],
 ) -> np.ndarray:
     """One clip of class ``name`` at the sample times ``time`` (samples,), float64 (samples,)."""
-    T = duration * rng.uniform(*((0.1, 0.3) if name == "noise_burst" else (0.5, 0.9)))
+    short = name == "noise_burst"
+    T = duration * rng.uniform(*((0.1, 0.3) if short else (0.5, 0.9)))  # event length, seconds
     onset = rng.uniform(0.0, duration - T)
     t = time - onset  # time since the onset
     envelope = _envelope(t, T)

@@ -1,6 +1,8 @@
 """Tests for tinymm.data.sounds: reproducibility, shapes, balance, and each class's defining
 property measured on its spectrogram with tinymm.audio."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import scipy.signal
@@ -85,6 +87,20 @@ def test_shapes_dtypes_and_levels():
     peak_db = 20 * np.log10(np.abs(waves).max(axis=1))
     assert np.all((peak_db >= -20.01) & (peak_db <= -0.99))  # random loudness, never clipped
     assert peak_db.max() - peak_db.min() > 10
+
+
+def test_memory_beyond_the_waves_does_not_grow_with_n():
+    """Clips are made one at a time: besides the float32 waves it returns, make_sounds holds a few
+    float64 arrays of one clip (lesson 06 makes 3200; made a class at once, they took 800 MB)."""
+    clip_bytes = SR * np.dtype(np.float64).itemsize  # one second at SR, float64
+    for n in (16, 160):
+        tracemalloc.start()
+        try:
+            waves, labels = make_sounds(n, seed=0, sr=SR)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak - waves.nbytes - labels.nbytes < 16 * clip_bytes, (n, peak)
 
 
 def test_labels_are_balanced_and_shuffled():

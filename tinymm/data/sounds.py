@@ -52,31 +52,30 @@ PEAK_DB = (-20.0, -1.0)  # range of the clip's peak level, dB relative to full s
 CLICK_TAU = 0.001  # seconds, decay of one click
 
 
-def _log_uniform(rng: np.random.Generator, low: float, high: float, m: int) -> np.ndarray:
-    """m values whose logarithm is uniform: equal chances per octave, as pitch is heard. (m, 1)"""
-    return np.exp(rng.uniform(np.log(low), np.log(high), (m, 1)))
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    """A value whose logarithm is uniform: equal chances per octave, as pitch is heard."""
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
-def _phase(rng: np.random.Generator, m: int) -> np.ndarray:
-    return rng.uniform(0.0, 2 * np.pi, (m, 1))
+def _phase(rng: np.random.Generator) -> float:
+    return rng.uniform(0.0, 2 * np.pi)
 
 
-# Each event generator maps (rng, t, T, sr) to the events (m, samples), where t (m, samples) is the
-# time since each clip's onset and T (m, 1) the length of each event in seconds.
+# Each event generator maps (rng, t, T, sr) to one event (samples,), where t (samples,) is the
+# time since the clip's onset and T the length of the event in seconds.
 
 
 def _tone(rng, t, T, sr):
-    f = _log_uniform(rng, 150.0, 3000.0, len(t))
-    return np.sin(2 * np.pi * f * t + _phase(rng, len(t)))
+    f = _log_uniform(rng, 150.0, 3000.0)
+    return np.sin(2 * np.pi * f * t + _phase(rng))
 
 
 def _chirp(rng, t, T, rising: bool):
-    m = len(t)
-    f_low = _log_uniform(rng, 150.0, 600.0, m)
-    f_high = f_low * rng.uniform(3.0, 6.0, (m, 1))
+    f_low = _log_uniform(rng, 150.0, 600.0)
+    f_high = f_low * rng.uniform(3.0, 6.0)
     f_0, f_1 = (f_low, f_high) if rising else (f_high, f_low)
     r = f_1 / f_0  # f(t) = f_0 r^(t / T); its integral gives the phase
-    return np.sin(2 * np.pi * f_0 * T * (r ** (t / T) - 1) / np.log(r) + _phase(rng, m))
+    return np.sin(2 * np.pi * f_0 * T * (r ** (t / T) - 1) / np.log(r) + _phase(rng))
 
 
 def _rising_chirp(rng, t, T, sr):
@@ -88,25 +87,23 @@ def _falling_chirp(rng, t, T, sr):
 
 
 def _chord(rng, t, T, sr):
-    m = len(t)
-    root = _log_uniform(rng, 150.0, 800.0, m)
-    third = np.where(rng.random((m, 1)) < 0.5, 2 ** (4 / 12), 2 ** (3 / 12))  # major / minor
-    notes = root * np.hstack([np.ones((m, 1)), third, np.full((m, 1), 2 ** (7 / 12))])  # (m, 3)
-    amplitudes = rng.uniform(0.6, 1.0, (m, 3))
-    phases = rng.uniform(0.0, 2 * np.pi, (m, 3))
+    root = _log_uniform(rng, 150.0, 800.0)
+    third = 2 ** (4 / 12) if rng.random() < 0.5 else 2 ** (3 / 12)  # major / minor
+    notes = root * np.array([1.0, third, 2 ** (7 / 12)])
+    amplitudes = rng.uniform(0.6, 1.0, 3)
+    phases = rng.uniform(0.0, 2 * np.pi, 3)
     chord = np.zeros_like(t)
-    for j in range(3):
-        chord += amplitudes[:, [j]] * np.sin(2 * np.pi * notes[:, [j]] * t + phases[:, [j]])
+    for a, f, phi in zip(amplitudes, notes, phases, strict=True):
+        chord += a * np.sin(2 * np.pi * f * t + phi)
     return chord
 
 
 def _tremolo(rng, t, T, sr):
-    m = len(t)
-    f = _log_uniform(rng, 150.0, 3000.0, m)
-    rate = rng.uniform(4.0, 10.0, (m, 1))
-    depth = rng.uniform(0.7, 1.0, (m, 1))
-    loudness = 1 - depth * (1 + np.cos(2 * np.pi * rate * t + _phase(rng, m))) / 2
-    return loudness * np.sin(2 * np.pi * f * t + _phase(rng, m))
+    f = _log_uniform(rng, 150.0, 3000.0)
+    rate = rng.uniform(4.0, 10.0)
+    depth = rng.uniform(0.7, 1.0)
+    loudness = 1 - depth * (1 + np.cos(2 * np.pi * rate * t + _phase(rng))) / 2
+    return loudness * np.sin(2 * np.pi * f * t + _phase(rng))
 
 
 def _noise_burst(rng, t, T, sr):
@@ -114,19 +111,18 @@ def _noise_burst(rng, t, T, sr):
 
 
 def _click_train(rng, t, T, sr):
-    period = 1 / rng.uniform(4.0, 16.0, (len(t), 1))
+    period = 1 / rng.uniform(4.0, 16.0)
     since_click = np.mod(t, period)
     return np.exp(-since_click / CLICK_TAU) * rng.standard_normal(t.shape)
 
 
 def _siren(rng, t, T, sr):
-    m = len(t)
-    f_low = _log_uniform(rng, 300.0, 1500.0, m)
-    f_high = f_low * rng.uniform(1.25, 1.6, (m, 1))
-    half_period = rng.uniform(0.08, 0.2, (m, 1))
+    f_low = _log_uniform(rng, 300.0, 1500.0)
+    f_high = f_low * rng.uniform(1.25, 1.6)
+    half_period = rng.uniform(0.08, 0.2)
     high = np.floor(t / half_period) % 2 == 1  # which note is sounding
-    f = np.where(high, f_high, f_low)  # (m, samples) instantaneous frequency
-    return np.sin(2 * np.pi * np.cumsum(f, axis=1) / sr + _phase(rng, m))
+    f = np.where(high, f_high, f_low)  # (samples,) instantaneous frequency
+    return np.sin(2 * np.pi * np.cumsum(f) / sr + _phase(rng))
 
 
 _GENERATORS: dict[str, Callable] = {
@@ -141,11 +137,33 @@ _GENERATORS: dict[str, Callable] = {
 }
 
 
-def _envelope(t: np.ndarray, T: np.ndarray) -> np.ndarray:
+def _envelope(t: np.ndarray, T: float) -> np.ndarray:
     """1 while the event sounds, 0 outside, smooth fades ``3x^2 - 2x^3`` of FADE seconds."""
     fade_in = np.clip(t / FADE, 0.0, 1.0)
     fade_out = np.clip((T - t) / FADE, 0.0, 1.0)
     return fade_in**2 * (3 - 2 * fade_in) * fade_out**2 * (3 - 2 * fade_out)
+
+
+def _clip(
+    rng: np.random.Generator,
+    name: str,
+    time: np.ndarray,
+    sr: int,
+    duration: float,
+    snr_db: tuple[float, float],
+) -> np.ndarray:
+    """One clip of class ``name`` at the sample times ``time`` (samples,), float64 (samples,)."""
+    short = name == "noise_burst"
+    T = duration * rng.uniform(*((0.1, 0.3) if short else (0.5, 0.9)))  # event length, seconds
+    onset = rng.uniform(0.0, duration - T)
+    t = time - onset  # time since the onset
+    envelope = _envelope(t, T)
+    event = envelope * _GENERATORS[name](rng, t, T, sr)
+    event_power = (event**2).sum() / np.count_nonzero(envelope)  # while the event sounds
+    snr = rng.uniform(*snr_db)
+    clip = event + rng.standard_normal(len(t)) * np.sqrt(event_power / 10 ** (snr / 10))
+    peak = 10 ** (rng.uniform(*PEAK_DB) / 20)
+    return clip * (peak / np.abs(clip).max())
 
 
 def make_sounds(
@@ -162,6 +180,8 @@ def make_sounds(
     Labels are as balanced as n allows, in random order. ``snr_db`` is the range of the
     event-to-background-noise ratio in dB.
     Returns ``waves (n, round(sr * duration))`` float32 in [-1, 1] and ``labels (n,)`` int64.
+    Clips are made one after the other from one random stream, each in float64 and then stored
+    in float32: beyond the returned waves, memory stays at a few arrays of one clip's length.
     """
     names = CLASS_NAMES if classes is None else tuple(classes)
     unknown = [name for name in names if name not in _GENERATORS]
@@ -179,23 +199,6 @@ def make_sounds(
     labels = rng.permutation(np.arange(n) % len(names)).astype(np.int64)
     waves = np.empty((n, samples), dtype=np.float32)
     time = np.arange(samples) / sr
-    for k, name in enumerate(names):
-        index = np.flatnonzero(labels == k)
-        m = len(index)
-        if m == 0:
-            continue
-        short = name == "noise_burst"
-        T = duration * rng.uniform(*((0.1, 0.3) if short else (0.5, 0.9)), (m, 1))  # event length
-        onset = rng.uniform(0.0, duration - T)  # (m, 1)
-        t = time - onset  # (m, samples): time since the onset
-        envelope = _envelope(t, T)
-        event = envelope * _GENERATORS[name](rng, t, T, sr)
-
-        sounding = envelope > 0
-        event_power = (event**2).sum(axis=1, keepdims=True) / sounding.sum(axis=1, keepdims=True)
-        snr = rng.uniform(*snr_db, (m, 1))
-        noise = rng.standard_normal((m, samples)) * np.sqrt(event_power / 10 ** (snr / 10))
-        clip = event + noise
-        peak = 10 ** (rng.uniform(*PEAK_DB, (m, 1)) / 20)
-        waves[index] = clip * (peak / np.abs(clip).max(axis=1, keepdims=True))
+    for i, label in enumerate(labels):  # one clip at a time: float64 while it is made, small
+        waves[i] = _clip(rng, names[label], time, sr, duration, snr_db)
     return waves, labels

@@ -79,9 +79,8 @@ BATCH, LR = 64, 2e-3
 tm.manual_seed(args.seed)
 t_start = time.perf_counter()
 
+
 # --- data: waveforms, then log-mel spectrograms -------------------------------------------------
-
-
 def log_mel(waves: np.ndarray) -> np.ndarray:
     """(n, samples) waveforms -> (n, N_MELS, FRAMES) mel spectrograms in dB below each clip's peak.
 

@@ -173,10 +173,39 @@ def _normal_cdf_and_density(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def silu(x: Tensor) -> Tensor:
-    """y = x s, s = sigmoid(x) = 1 / (1 + e^{-x});  dy/dx = s + x s (1 - s) = s (1 + x (1 - s))."""
+    """y = x s, s = sigmoid(x) = 1 / (1 + e^{-x});  dy/dx = s + x s (1 - s) = s (1 + x (1 - s)).
+
+    s is computed as (1 + tanh(x/2)) / 2, the same function: no overflow for large -x, and on
+    this machine ~25x faster than through np.logaddexp (1.7 vs 43 ms for 786k float32 values,
+    the widest activation of lesson 05's U-Net step, which called it 20 times). Buffers built
+    in place, by row blocks on two threads when large (as gelu_tanh)."""
     a = x.data
-    s = np.exp(-np.logaddexp(0, -a)).astype(a.dtype)  # sigmoid without overflow
-    return record("silu", a * s, (x,), lambda g: (g * s * (1 + a * (1 - s)),), saved=(x,))
+    s, out = np.empty_like(a), np.empty_like(a)
+
+    def forward_rows(r):
+        np.multiply(a[r], 0.5, out=s[r])  # s = (1 + tanh(x/2)) / 2, built in place
+        np.tanh(s[r], out=s[r])
+        s[r] *= 0.5
+        s[r] += 0.5
+        np.multiply(a[r], s[r], out=out[r])
+
+    parallel.rows(forward_rows, a)
+
+    def backward(g):
+        grad = np.empty_like(a)
+
+        def backward_rows(r):
+            dx = grad[r]
+            np.subtract(1, s[r], out=dx)  # dx = g s (1 + x (1 - s)), built in place
+            dx *= a[r]
+            dx += 1
+            dx *= s[r]
+            dx *= g[r]
+
+        parallel.rows(backward_rows, a)
+        return (grad,)
+
+    return record("silu", out, (x,), backward, saved=(x,))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,9 +52,17 @@ def _ones(n: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _mean(a: np.ndarray, axes: Any) -> np.ndarray:
-    """a.mean(axes, keepdims=True), through `_sum` where it is faster."""
+    """a.mean(axes, keepdims=True), through `_sum` where it is faster; over axes (1, 3) of
+    group norm's (N, HW, G, C/G) as a product with a ones vector over the HW positions, then
+    a sum of each group's few channels: 7-30x faster than a.mean(axis=(1, 3)) at lesson 05's
+    sizes (NumPy's reduction over two strided axes is slow)."""
     if axes in (-1, (-1,)):
         return _sum(a, -1) / a.shape[-1]
+    if axes == (1, 3) and a.ndim == 4:
+        n, positions, groups, width = a.shape
+        sums = _ones(positions, a.dtype) @ a.reshape(n, positions, groups * width)  # (N, C)
+        sums = sums.reshape(n, 1, groups, width).sum(axis=3, keepdims=True)  # (N, 1, G, 1)
+        return sums / (positions * width)
     return a.mean(axis=axes, keepdims=True)
 
 

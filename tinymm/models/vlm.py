@@ -56,7 +56,9 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from .. import nn
+from .. import nn, parallel
+from ..kernels import _normal_cdf_and_density
+from ..modes import is_reference_mode
 from ..tensor import DEFAULT_DTYPE, Tensor, concatenate, default_rng, no_grad
 from .vit import ViT
 
@@ -120,6 +122,38 @@ def sincos_2d(rows: int, cols: int, dim: int, extent: tuple[float, float]) -> np
         return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(len(p), -1)
 
     return np.concatenate([code(yy), code(xx)], axis=1).astype(DEFAULT_DTYPE)
+
+
+_GELUS = ("gelu", "gelu_tanh")  # the MLP activations `_gelu` computes
+
+
+def _gelu(x: np.ndarray, mlp: nn.MLP) -> np.ndarray:
+    """The MLP's GELU on arrays, as F.gelu: exact x Phi(x) (Phi as the fused kernel computes
+    it: A&S 7.1.26 in float32, faster than SciPy's erf), or the tanh approximation."""
+    if mlp.activation == "gelu":
+        return x * _normal_cdf_and_density(x)[0]
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _layer_norm(x: np.ndarray, ln: nn.LayerNorm) -> np.ndarray:
+    """LN(x) over the last axis on arrays, as F.layer_norm: (x - mean) / sqrt(var + eps) w + b."""
+    centred = x - x.mean(axis=-1, keepdims=True)
+    var = (centred * centred).mean(axis=-1, keepdims=True)
+    return centred / np.sqrt(var + ln.eps) * ln.weight.data + ln.bias.data
+
+
+def _linear(x: np.ndarray, layer: nn.Linear) -> np.ndarray:
+    """x W + b on arrays."""
+    out = x @ layer.weight.data
+    return out if layer.bias is None else out + layer.bias.data
+
+
+def _room(states: np.ndarray, extra: int) -> np.ndarray:
+    """Cached keys or values (N, heads, L, d) copied into a buffer with `extra` more places."""
+    n, heads, length, d = states.shape
+    buffer = np.empty((n, heads, length + extra, d), states.dtype)
+    buffer[:, :, :length] = states
+    return buffer
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -343,6 +377,59 @@ class VLM(nn.Module):
             grown.append((k, v))
         return x, grown
 
+    def _decode_step(
+        self, x: np.ndarray, cache: list[tuple[np.ndarray, np.ndarray]], valid: np.ndarray
+    ) -> np.ndarray:
+        """`_extend` for one new token per sequence, on NumPy arrays: the fast reading of the
+        decoding step (reference mode runs `_extend`; the tests check that both agree).
+
+        x (N, D): the new tokens' input states. cache: per block, keys and values allocated
+        once for the whole generation, (N, heads, L_max, d), filled below position t, where
+        this token's k and v are written (no copy of the cache per token, as concatenate
+        makes). valid (N, t + 1) marks the real keys. Returns the new states (N, D).
+        Per block, as _extend with T = 1 (a lone query: nothing later to hide):
+            h = LN1(x);  q, k, v = h W^Q, h W^K, h W^V;  p = softmax(q K^T / sqrt(d)) over the
+            real keys;  x <- x + (p V) W^O;  x <- x + W_2 GELU(LN2(x) W_1)
+        One product over all heads per step (np.matmul over (N, heads)) and no graph: decoding
+        was ~75 graph nodes per token, overhead-bound at small batches (tinymm.bench item 7).
+        The sequences are independent: a large batch is split over the threads
+        (tinymm.parallel), each running the whole step on its share."""
+        out = np.empty_like(x)
+
+        def sequences(r):  # the step for the sequences r
+            out[r] = self._decode_rows(x[r], [(k[r], v[r]) for k, v in cache], valid[r])
+
+        parallel.rows(sequences, cache[0][0])  # split by the size of the cache it reads
+        return out
+
+    def _decode_rows(self, x, cache, valid) -> np.ndarray:
+        n, heads, t = x.shape[0], self.heads, valid.shape[1] - 1
+        blocked = ~valid[:, None, :]  # (N, 1, t + 1): padded keys
+        for block, (keys, values) in zip(self.blocks, cache, strict=True):
+            a, h = block.attn, _layer_norm(x, block.ln1)
+            q = _linear(h, a.q_proj).reshape(n, heads, -1, 1)  # (N, heads, d, 1)
+            keys[:, :, t] = _linear(h, a.k_proj).reshape(n, heads, -1)
+            values[:, :, t] = _linear(h, a.v_proj).reshape(n, heads, -1)
+            scores = np.matmul(keys[:, :, : t + 1], q)[..., 0]  # (N, heads, t + 1): K q
+            scores *= 1 / math.sqrt(q.shape[2])
+            np.copyto(scores, np.finfo(scores.dtype).min, where=blocked)
+            scores -= scores.max(axis=-1, keepdims=True)  # softmax over the keys
+            weights = np.exp(scores, out=scores)
+            weights /= weights.sum(axis=-1, keepdims=True)
+            out = np.matmul(weights[:, :, None, :], values[:, :, : t + 1])  # (N, heads, 1, d)
+            x = x + _linear(out.reshape(n, -1), a.out_proj)
+            hidden = _gelu(_linear(_layer_norm(x, block.ln2), block.mlp.fc1), block.mlp)
+            x = x + _linear(hidden, block.mlp.fc2)
+        return x
+
+    def _fast_decoding(self) -> bool:
+        """May `generate` decode with `_decode_step`? Fused mode (not reference mode), GELU
+        MLPs, and no dropout that would act (eval mode or p = 0)."""
+        return not is_reference_mode() and all(
+            b.mlp.activation in _GELUS and (not self.training or b.dropout.p == 0)
+            for b in self.blocks
+        )
+
     def _prefill(
         self, z_img: Tensor, ids: np.ndarray, mask: np.ndarray
     ) -> tuple[Tensor, KVCache, np.ndarray]:
@@ -416,12 +503,17 @@ class VLM(nn.Module):
             if len(z_img.data) != n:
                 raise ValueError(f"generate: {len(z_img.data)} images but {n} prompts")
             self._check_text(ids, mask, n)
+            fast = use_cache and self._fast_decoding()
             if use_cache:
                 logits, cache, valid = self._prefill(z_img, ids, mask)
+                if fast:  # the cache as arrays with room for every new token
+                    cache = [(_room(k.data, max_new_tokens), _room(v.data, max_new_tokens))
+                             for k, v in cache]  # fmt: skip
             else:
                 logits = self.decode(z_img, ids, mask)[:, -1]
+            logits = logits.data
             for step in range(max_new_tokens):
-                scores = logits.data.astype(np.float64)
+                scores = logits.astype(np.float64)
                 chosen_from.append(scores)
                 token = self._pick(scores, temperature, top_k, rng)
                 token = np.where(done, pad_id, token)
@@ -434,12 +526,20 @@ class VLM(nn.Module):
                 ids = np.concatenate([ids, token[:, None]], axis=1)
                 mask = np.concatenate([mask, np.ones((n, 1), dtype=bool)], axis=1)
                 if use_cache:
-                    x = self.token_embedding(token[:, None]) + self.pos_embedding[position]
                     valid = np.concatenate([valid, np.ones((n, 1), dtype=bool)], axis=1)
+                if fast:
+                    x = (
+                        self.token_embedding.weight.data[token]
+                        + self.pos_embedding.data[position[:, 0]]
+                    )
+                    x = self._decode_step(x.astype(z_img.dtype), cache, valid)
+                    logits = _layer_norm(x, self.ln_final) @ self.lm_head.weight.data
+                elif use_cache:
+                    x = self.token_embedding(token[:, None]) + self.pos_embedding[position]
                     x, cache = self._extend(x, cache, valid)
-                    logits = self.lm_head(self.ln_final(x))[:, 0]
+                    logits = self.lm_head(self.ln_final(x))[:, 0].data
                 else:
-                    logits = self.decode(z_img, ids, mask)[:, -1]
+                    logits = self.decode(z_img, ids, mask)[:, -1].data
         tokens = np.stack(out, axis=1)
         return (tokens, np.stack(chosen_from, axis=1)) if return_logits else tokens
 

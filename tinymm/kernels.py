@@ -448,11 +448,15 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
     so dx adds g @ W[i, j]^T into those shifted positions: kh*kw matmuls, no scatter."""
     kh, kw, c_in, c_out = weight.shape
     p = padding
+    pointwise = kh == kw == 1 and stride == 1 and not p  # a 1x1 conv: the pixels are the rows
     x_padded = np.pad(x.data, ((0, 0), (p, p), (p, p), (0, 0))) if p else x.data
     window_view = windows(x_padded, kh, kw, stride)  # (N, Ho, Wo, kh, kw, C_in), no copy
     n, ho, wo = window_view.shape[:3]
-    cols = np.empty(window_view.shape, x_padded.dtype)
-    parallel.rows(lambda r: np.copyto(cols[r], window_view[r]), cols)  # the copy, by images
+    if pointwise:
+        cols = np.ascontiguousarray(x_padded)  # (no copy unless x is a strided view)
+    else:
+        cols = np.empty(window_view.shape, x_padded.dtype)
+        parallel.rows(lambda r: np.copyto(cols[r], window_view[r]), cols)  # the copy, by images
     cols = cols.reshape(n * ho * wo, kh * kw * c_in)
     w_matrix = weight.data.reshape(kh * kw * c_in, c_out)
     out = parallel.matmul(cols, w_matrix, None if bias is None else bias.data)
@@ -460,9 +464,13 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
 
     def backward(g):
         g_rows = g.reshape(-1, c_out)
-        gw = parallel.matmul(cols.T, g_rows).reshape(weight.shape) if weight.requires_grad else None
+        gw = None
+        if weight.requires_grad:  # dW = cols^T g, computed as (g^T cols)^T: BLAS was ~8% faster
+            gw = parallel.matmul(g_rows.T, cols).T.reshape(weight.shape)  # in that orientation
         gx = None
-        if x.requires_grad:
+        if pointwise and x.requires_grad:  # dx = g W^T, nothing to shift
+            gx = parallel.matmul(g_rows, w_matrix.T).reshape(x.shape)
+        elif x.requires_grad:
             gx_padded = np.zeros(x_padded.shape, dtype=x_padded.dtype)
 
             def dx_images(r):  # the input gradient of the images r

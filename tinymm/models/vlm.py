@@ -54,10 +54,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.special import erf
 
 from .. import functional as F
 from .. import nn, parallel
-from ..kernels import _normal_cdf_and_density
+from ..kernels import _normal_cdf_and_density, _normalise
 from ..modes import is_reference_mode
 from ..tensor import DEFAULT_DTYPE, Tensor, concatenate, default_rng, no_grad
 from .vit import ViT
@@ -128,24 +129,27 @@ _GELUS = ("gelu", "gelu_tanh")  # the MLP activations `_gelu` computes
 
 
 def _gelu(x: np.ndarray, mlp: nn.MLP) -> np.ndarray:
-    """The MLP's GELU on arrays, as F.gelu: exact x Phi(x) (Phi as the fused kernel computes
-    it: A&S 7.1.26 in float32, faster than SciPy's erf), or the tanh approximation."""
+    """The MLP's GELU on arrays, as F.gelu: exact x Phi(x), or the tanh approximation.
+    Phi = (1 + erf(x / sqrt 2)) / 2 by SciPy's erf for small arrays (one call; a batch of a few
+    sequences), as the fused kernel computes it for large ones (in float32 its vectorised
+    A&S 7.1.26, faster than SciPy's scalar loop from ~10^4 values on)."""
+    if mlp.activation == "gelu" and (x.size <= 8192 or x.dtype != np.float32):
+        return x * (0.5 * (1 + erf(x * (1 / math.sqrt(2)))))
     if mlp.activation == "gelu":
         return x * _normal_cdf_and_density(x)[0]
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _layer_norm(x: np.ndarray, ln: nn.LayerNorm) -> np.ndarray:
-    """LN(x) over the last axis on arrays, as F.layer_norm: (x - mean) / sqrt(var + eps) w + b."""
-    centred = x - x.mean(axis=-1, keepdims=True)
-    var = (centred * centred).mean(axis=-1, keepdims=True)
-    return centred / np.sqrt(var + ln.eps) * ln.weight.data + ln.bias.data
+def _standardise(x: np.ndarray, eps: float) -> np.ndarray:
+    """xhat = (x - mean) / sqrt(var + eps) over the last axis: a layer norm before its scale
+    and shift, as the fused kernel computes it."""
+    return _normalise(x, -1, eps)[0]
 
 
-def _linear(x: np.ndarray, layer: nn.Linear) -> np.ndarray:
-    """x W + b on arrays."""
-    out = x @ layer.weight.data
-    return out if layer.bias is None else out + layer.bias.data
+def _bias(layer: nn.Linear) -> np.ndarray:
+    """A linear layer's bias, zeros if it has none."""
+    out = layer.weight.shape[1]
+    return np.zeros(out, layer.weight.dtype) if layer.bias is None else layer.bias.data
 
 
 def _room(states: np.ndarray, extra: int) -> np.ndarray:
@@ -378,7 +382,7 @@ class VLM(nn.Module):
         return x, grown
 
     def _decode_step(
-        self, x: np.ndarray, cache: list[tuple[np.ndarray, np.ndarray]], valid: np.ndarray
+        self, x: np.ndarray, cache: list[tuple[np.ndarray, np.ndarray]], valid: np.ndarray, folded
     ) -> np.ndarray:
         """`_extend` for one new token per sequence, on NumPy arrays: the fast reading of the
         decoding step (reference mode runs `_extend`; the tests check that both agree).
@@ -386,8 +390,9 @@ class VLM(nn.Module):
         x (N, D): the new tokens' input states. cache: per block, keys and values allocated
         once for the whole generation, (N, heads, L_max, d), filled below position t, where
         this token's k and v are written (no copy of the cache per token, as concatenate
-        makes). valid (N, t + 1) marks the real keys. Returns the new states (N, D).
-        Per block, as _extend with T = 1 (a lone query: nothing later to hide):
+        makes). valid (N, t + 1) marks the real keys. folded: `_folded_weights()`.
+        Returns the new states (N, D). Per block, as _extend with T = 1 (a lone query: nothing
+        later to hide):
             h = LN1(x);  q, k, v = h W^Q, h W^K, h W^V;  p = softmax(q K^T / sqrt(d)) over the
             real keys;  x <- x + (p V) W^O;  x <- x + W_2 GELU(LN2(x) W_1)
         One product over all heads per step (np.matmul over (N, heads)) and no graph: decoding
@@ -397,30 +402,57 @@ class VLM(nn.Module):
         out = np.empty_like(x)
 
         def sequences(r):  # the step for the sequences r
-            out[r] = self._decode_rows(x[r], [(k[r], v[r]) for k, v in cache], valid[r])
+            out[r] = self._decode_rows(x[r], [(k[r], v[r]) for k, v in cache], valid[r], folded)
 
         parallel.rows(sequences, cache[0][0])  # split by the size of the cache it reads
         return out
 
-    def _decode_rows(self, x, cache, valid) -> np.ndarray:
+    def _decode_rows(self, x, cache, valid, folded) -> np.ndarray:
         n, heads, t = x.shape[0], self.heads, valid.shape[1] - 1
-        blocked = ~valid[:, None, :]  # (N, 1, t + 1): padded keys
-        for block, (keys, values) in zip(self.blocks, cache, strict=True):
-            a, h = block.attn, _layer_norm(x, block.ln1)
-            q = _linear(h, a.q_proj).reshape(n, heads, -1, 1)  # (N, heads, d, 1)
-            keys[:, :, t] = _linear(h, a.k_proj).reshape(n, heads, -1)
-            values[:, :, t] = _linear(h, a.v_proj).reshape(n, heads, -1)
-            scores = np.matmul(keys[:, :, : t + 1], q)[..., 0]  # (N, heads, t + 1): K q
-            scores *= 1 / math.sqrt(q.shape[2])
-            np.copyto(scores, np.finfo(scores.dtype).min, where=blocked)
+        blocked = None if valid.all() else ~valid[:, None, :]  # (N, 1, t + 1): padded keys
+        lowest = np.finfo(x.dtype).min
+        for block, (keys, values), (w_qkv, b_qkv, w_o, b_o, w_1, b_1, w_2, b_2) in zip(
+            self.blocks, cache, folded, strict=True
+        ):
+            qkv = _standardise(x, block.ln1.eps) @ w_qkv  # [q, k, v] = LN1(x) [W^Q W^K W^V]
+            qkv += b_qkv
+            q, k, v = np.split(qkv.reshape(n, 3, heads, -1), 3, axis=1)  # (N, 1, heads, d)
+            keys[:, :, t], values[:, :, t] = k[:, 0], v[:, 0]
+            scores = np.matmul(keys[:, :, : t + 1], q[:, 0, :, :, None])[..., 0]  # K q
+            scores *= 1 / math.sqrt(q.shape[-1])  # (N, heads, t + 1)
+            if blocked is not None:
+                np.copyto(scores, lowest, where=blocked)
             scores -= scores.max(axis=-1, keepdims=True)  # softmax over the keys
             weights = np.exp(scores, out=scores)
             weights /= weights.sum(axis=-1, keepdims=True)
             out = np.matmul(weights[:, :, None, :], values[:, :, : t + 1])  # (N, heads, 1, d)
-            x = x + _linear(out.reshape(n, -1), a.out_proj)
-            hidden = _gelu(_linear(_layer_norm(x, block.ln2), block.mlp.fc1), block.mlp)
-            x = x + _linear(hidden, block.mlp.fc2)
+            x = x + (out.reshape(n, -1) @ w_o + b_o)
+            hidden = _standardise(x, block.ln2.eps) @ w_1  # LN2(x) W_1
+            hidden += b_1
+            x = x + (_gelu(hidden, block.mlp) @ w_2 + b_2)
         return x
+
+    def _folded_weights(self) -> list[tuple[np.ndarray, ...]]:
+        """Per block, the matrices of `_decode_rows`, with W^Q, W^K, W^V side by side (one
+        product) and each layer norm's scale w and shift b folded into the product after it:
+            LN(x) W + c = xhat (w[:, None] W) + (b W + c),   xhat = (x - mean) / sqrt(var + eps)
+        (the same function; made once per `generate`, they save 4 NumPy calls per norm).
+        Returns [(W_qkv, b_qkv, W^O, b^O, W_1, b_1, W_2, b_2)] and the folded head (W, b)."""
+
+        def fold(ln: nn.LayerNorm, layers: list[nn.Linear]) -> tuple[np.ndarray, np.ndarray]:
+            w = np.concatenate([layer.weight.data for layer in layers], axis=1)
+            bias = np.concatenate([_bias(layer) for layer in layers])
+            return ln.weight.data[:, None] * w, ln.bias.data @ w + bias
+
+        folded = []
+        for block in self.blocks:
+            a, mlp = block.attn, block.mlp
+            w_o, w_2 = a.out_proj.weight.data, mlp.fc2.weight.data
+            folded.append(
+                (*fold(block.ln1, [a.q_proj, a.k_proj, a.v_proj]), w_o, _bias(a.out_proj),
+                 *fold(block.ln2, [mlp.fc1]), w_2, _bias(mlp.fc2))
+            )  # fmt: skip
+        return folded, fold(self.ln_final, [self.lm_head])
 
     def _fast_decoding(self) -> bool:
         """May `generate` decode with `_decode_step`? Fused mode (not reference mode), GELU
@@ -509,6 +541,7 @@ class VLM(nn.Module):
                 if fast:  # the cache as arrays with room for every new token
                     cache = [(_room(k.data, max_new_tokens), _room(v.data, max_new_tokens))
                              for k, v in cache]  # fmt: skip
+                    folded, (w_head, b_head) = self._folded_weights()
             else:
                 logits = self.decode(z_img, ids, mask)[:, -1]
             logits = logits.data
@@ -532,8 +565,8 @@ class VLM(nn.Module):
                         self.token_embedding.weight.data[token]
                         + self.pos_embedding.data[position[:, 0]]
                     )
-                    x = self._decode_step(x.astype(z_img.dtype), cache, valid)
-                    logits = _layer_norm(x, self.ln_final) @ self.lm_head.weight.data
+                    x = self._decode_step(x.astype(z_img.dtype), cache, valid, folded)
+                    logits = _standardise(x, self.ln_final.eps) @ w_head + b_head
                 elif use_cache:
                     x = self.token_embedding(token[:, None]) + self.pos_embedding[position]
                     x, cache = self._extend(x, cache, valid)

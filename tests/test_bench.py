@@ -12,14 +12,21 @@ import pytest
 
 from tinymm.bench import (
     TINY_VIT,
+    VLM,
     ViT,
     _images,
     conv_flops,
+    decode_inputs,
     summarise,
     time_blocks,
+    torch_state,
+    torch_unet,
     torch_vit,
+    torch_vlm,
     vit_flops,
 )
+from tinymm.models.unet import UNet
+from tinymm.tensor import Tensor, manual_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,10 +125,57 @@ def test_torch_vit_is_the_same_model():
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_torch_unet_is_the_same_model():
+    """A small U-Net of the lesson's design with random weights everywhere: the bench's torch
+    twin, given its weights, predicts the same noise and gets the same weight gradients."""
+    torch = pytest.importorskip("torch")
+    config = dict(in_channels=3, context_dim=8, channels=(8, 16), attention=(True, True), heads=2)
+    manual_seed(0)
+    model = UNet(**config)
+    model.conv_out.weight.data[...] = 0.1  # (it starts at zero: no gradient below it)
+    twin = torch_unet(torch, **config)
+    twin.load_state_dict(torch_state(torch, model.state_dict()))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 4, 3), dtype=np.float32)
+    t, context = np.array([3, 700]), rng.standard_normal((2, 5, 8), dtype=np.float32)
+    eps = model(x, t, Tensor(context))
+    (eps * eps).sum().backward()
+    out = twin(torch.from_numpy(x), t, torch.from_numpy(context))
+    (out * out).sum().backward()
+    np.testing.assert_allclose(out.detach().numpy(), eps.data, rtol=1e-4, atol=1e-5)
+    grads = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        expected = torch_state(torch, {name: p.grad})[name].numpy()
+        np.testing.assert_allclose(grads[name].grad.numpy(), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_torch_vlm_decodes_the_same_tokens():
+    """The bench's torch decoder with its own KV cache writes the same greedy tokens as
+    VLM.generate, batch 1 and batch 3."""
+    torch = pytest.importorskip("torch")
+    manual_seed(0)
+    vision = ViT(8, 4, 3, 16, 1, 2)
+    model = VLM(vision, 50, 16, 2, 2, max_len=16, vision_ids=(1, 2))
+    twin = torch_vlm(torch, model)
+    for batch in (1, 3):
+        images = np.random.default_rng(batch).standard_normal((batch, 8, 8, 3), dtype=np.float32)
+        prompts = np.random.default_rng(batch).integers(3, 50, (batch, 4))
+        expected = model.generate(images, prompts, 10)
+        np.testing.assert_array_equal(twin.generate(images, prompts, 10), expected)
+    with pytest.raises(ValueError, match="fusion"):
+        torch_vlm(torch, VLM(vision, 50, 16, 1, 2, fusion="prefix", vision_ids=(1, 2)))
+
+
+def test_decode_inputs_are_ordinary_tokens():
+    images, prompts = decode_inputs(4, 10)
+    assert images.shape == (4, 32, 32, 3) and images.dtype == np.float32
+    assert prompts.shape == (4, 10) and prompts.min() >= 3  # no special (vision) ids
+
+
 KEYS = (
     "blas_gflops_256 blas_gflops_512 blas_gflops_1024 blas_peak_gflops node_us tiny_step_ms "
     "vit_step_ms vit_wide_step_ms vit_gflops vit_peak_fraction vit_graph_nodes conv_ms "
-    "conv_gflops attention_ms "
+    "conv_gflops attention_ms unet_step_ms decode_tokens_per_s decode_b1_tokens_per_s "
     "blas_threads tinymm_threads seconds"
 ).split()
 
@@ -137,6 +191,8 @@ def test_quick_run_prints_a_table_and_one_result_line(tmp_path):
     assert sum(line.startswith("result: ") for line in lines) == 1
     assert lines[-1].startswith("result: "), lines[-5:]
     assert any("ViT training step" in line for line in lines), "no table"
+    assert any("U-Net training step" in line for line in lines), "no U-Net row"
+    assert any("greedy decoding" in line for line in lines), "no decoding row"
     result = json.loads(lines[-1][len("result: ") :])
     for key in KEYS:
         assert key in result, key

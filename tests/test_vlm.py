@@ -56,6 +56,27 @@ def test_cached_decoding_equals_full_recomputation_at_every_step(fusion):
         np.testing.assert_array_equal(alone[0], cached[i])
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_decoding_step_equals_the_tensor_composition(fusion, threads, monkeypatch):
+    """generate's NumPy decoding step (`_decode_step`, preallocated cache) gives the logits of
+    the Tensor-op step (`_extend`, reference mode), padded prompts included; a batch split
+    over two threads too."""
+    from tinymm import parallel
+
+    model = tiny_vlm(fusion)
+    x = images(len(PROMPTS))
+    assert model._fast_decoding()
+    monkeypatch.setattr(parallel, "MIN_SIZE", 16)  # split even this tiny batch
+    monkeypatch.setattr(parallel, "_threads", threads)
+    fast, fast_logits = model.generate(x, PROMPTS, 6, return_logits=True)
+    with tm.reference_mode():
+        assert not model._fast_decoding()
+        slow, slow_logits = model.generate(x, PROMPTS, 6, return_logits=True)
+    np.testing.assert_allclose(fast_logits, slow_logits, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(fast, slow)
+
+
 @settings(max_examples=6)
 @given(
     lengths=st.lists(st.integers(1, 6), min_size=2, max_size=3),

@@ -21,9 +21,18 @@ What each number means:
 4. `conv_ms`, `conv_gflops`: conv2d on (32, 32, 32, 32) NHWC images, 3x3, 32 -> 32 channels,
    padding 1, forward + backward (dx and dW), FLOPs = 3 x 2 x N Ho Wo k^2 C_in C_out.
 5. `attention_ms`: F.scaled_dot_product_attention forward + backward, q, k, v (64, 4, 65, 16).
-6. With `--torch` (PyTorch is optional and imported only then): the same items 2-5 in PyTorch
+6. `unet_step_ms`: one training step (forward, mean squared error against fixed noise,
+   backward, AdamW) of lesson 05's denoiser, UNet(4, 64, (48, 96), (True, True), 4), on
+   (64, 8, 8, 4) latents with fixed (64, 10, 64) text states (batch 16 with --quick).
+7. `decode_tokens_per_s`: greedy decoding of 32 tokens with the KV cache (`VLM.generate`) by
+   lesson 04's VLM (lecture fusion, ViT(32, 8, 3, 64, 4, 4), decoder width 64, 3 blocks, 4
+   heads, vocabulary 400) after a 10-token prompt, at batch 256 (the lesson answers its
+   questions 256 at a time) and at batch 1 (`decode_b1_*`): generated tokens per second, the
+   image encoding and the prompt included (8 tokens, batches 16 and 1, with --quick).
+8. With `--torch` (PyTorch is optional and imported only then): the same items 2-7 in PyTorch
    CPU as `torch_*`, and `ratio_*` = tinymm time / torch time, the median over pairs of
-   neighbouring blocks. **ratio < 1: tinymm is faster; ratio > 1: tinymm is slower.**
+   neighbouring blocks. **ratio < 1: tinymm is faster; ratio > 1: tinymm is slower**, except
+   the decoding rates: `ratio_decode_*_tokens_per_s` = tinymm tokens/s / torch tokens/s.
    - tinymm and torch take turns block by block (tinymm, torch, tinymm, ...) in one process,
      so both see the same load; a ratio is steadier than either time on a busy machine.
    - torch keeps its default number of threads for the whole run (changing it between blocks
@@ -36,6 +45,12 @@ What each number means:
    - conv uses torch's channels_last memory format: the NCHW tensor torch sees is a view of the
      same NHWC bytes (`permute(0, 3, 1, 2)`), so neither side converts the layout.
    - attention uses torch.nn.functional.scaled_dot_product_attention.
+   - The torch U-Net and VLM are the same networks with the tinymm model's weights
+     (`torch_state`), the U-Net in NCHW (torch's default layout; the permutes at its input
+     and output are part of its step). `unet_loss_diff` is the loss difference of the first
+     step (the bench stops if it exceeds 1e-4); `decode_same_tokens` the fraction of greedy
+     tokens both write alike. The torch decoder keeps its own cache, grown by torch.cat per
+     token as VLM.generate grows tinymm's, under torch.inference_mode().
 
 Times are wall-clock medians over blocks of calls, after warm-up. By default tinymm works on two
 threads (`tinymm/parallel.py`, one per core) with one OpenBLAS thread (`runtime.tune()`), and
@@ -50,6 +65,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -62,7 +78,8 @@ import numpy as np
 
 from . import functional as F
 from . import nn, optim, parallel, runtime
-from .models import ViT
+from .models import VLM, ViT
+from .models.unet import UNet, coordinates, position_features, timestep_embedding
 from .tensor import Tensor, manual_seed
 
 # (image_size, patch_size, channels, dim, depth, heads, mlp_ratio, num_classes), batch
@@ -79,6 +96,18 @@ TINY_BATCH = 2
 CONV = dict(batch=32, size=32, c_in=32, c_out=32, kernel=3, padding=1)
 ATTENTION_SHAPE = (64, 4, 65, 16)  # (N, heads, L, d_head)
 CHAIN_LENGTH = 1000
+# lesson 05's denoiser, UNet(4, 64, (48, 96), (True, True), 4), on (N, 8, 8, 4) latents read with
+# (N, 10, 64) text states; batch 64 as the lesson trains (16 in --quick)
+UNET = dict(in_channels=4, context_dim=64, channels=(48, 96), attention=(True, True), heads=4)
+UNET_INPUT = dict(size=8, text_length=10)
+UNET_BATCH, QUICK_UNET_BATCH = 64, 16
+# lesson 04's VLM (lecture fusion): ViT(32, 8, 3, 64, 4, 4), decoder width 64, 3 blocks, 4 heads,
+# a 400-token vocabulary; max_len 48 instead of the lesson's 32 so that a 10-token prompt and 32
+# new tokens fit (a longer position table; nothing else changes)
+VLM_VISION = dict(image_size=32, patch_size=8, channels=3, dim=64, depth=4, heads=4, mlp_ratio=4)
+VLM_DECODER = dict(vocab_size=400, dim=64, depth=3, heads=4, max_len=48, vision_ids=(1, 2))
+DECODE = dict(prompt=10, new_tokens=32, batches=(256, 1))  # the lesson answers 256 at a time
+QUICK_DECODE = dict(prompt=10, new_tokens=8, batches=(16, 1))
 
 FULL = dict(blocks=9, block_seconds=0.3, warmup=2)
 QUICK = dict(blocks=3, block_seconds=0.05, warmup=1)
@@ -298,6 +327,60 @@ def tinymm_attention() -> Callable[[], None]:
     return run
 
 
+def unet_inputs(batch: int) -> dict[str, np.ndarray]:
+    """Fixed noisy latents, steps, text states and target noise for the U-Net step."""
+    rng = np.random.default_rng(0)
+    size, length = UNET_INPUT["size"], UNET_INPUT["text_length"]
+    return {
+        "x": rng.standard_normal((batch, size, size, UNET["in_channels"]), dtype=np.float32),
+        "t": rng.integers(0, 1000, batch),
+        "context": rng.standard_normal((batch, length, UNET["context_dim"]), dtype=np.float32),
+        "eps": rng.standard_normal((batch, size, size, UNET["in_channels"]), dtype=np.float32),
+    }
+
+
+def tinymm_unet_step(batch: int) -> tuple[Callable[[], float], Any]:
+    """One AdamW step of lesson 05's U-Net: eps_hat = unet(x_t, t, text), L = mean (eps_hat -
+    eps)^2, backward, update. Returns the step (it returns the loss) and the model."""
+    manual_seed(0)
+    model = UNet(**UNET)
+    rng = np.random.default_rng(1)  # the lesson's conv_out starts at 0 (eps_hat = 0, and no
+    for p in (model.conv_out.weight, model.conv_out.bias):  # gradient below it): random here
+        p.data[...] = 0.02 * rng.standard_normal(p.shape)
+    opt = optim.AdamW(model.parameters(), lr=1e-3)
+    inputs = unet_inputs(batch)
+    context = Tensor(inputs["context"])
+
+    def step() -> float:
+        opt.zero_grad()
+        loss = F.mse_loss(model(inputs["x"], inputs["t"], context), inputs["eps"])
+        loss.backward()
+        opt.step()
+        return float(loss.data)
+
+    return step, model
+
+
+def tinymm_vlm() -> VLM:
+    """Lesson 04's VLM (lecture fusion) with random weights."""
+    manual_seed(0)
+    return VLM(ViT(**VLM_VISION), **VLM_DECODER)
+
+
+def decode_inputs(batch: int, prompt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random images (N, 32, 32, 3) and prompts (N, prompt) of ordinary token ids."""
+    rng = np.random.default_rng(0)
+    size = VLM_VISION["image_size"]
+    images = rng.standard_normal((batch, size, size, VLM_VISION["channels"]), dtype=np.float32)
+    return images, rng.integers(3, VLM_DECODER["vocab_size"], (batch, prompt))
+
+
+def tinymm_decode(model: VLM, batch: int, prompt: int, new_tokens: int) -> Callable[[], Any]:
+    """Greedy decoding of new_tokens tokens with the KV cache (VLM.generate); returns them."""
+    images, prompts = decode_inputs(batch, prompt)
+    return lambda: model.generate(images, prompts, new_tokens)
+
+
 def _images(config: dict, batch: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     s, c = config["image_size"], config["channels"]
@@ -349,7 +432,7 @@ def torch_vit(
     depth: int,
     heads: int,
     mlp_ratio: float,
-    num_classes: int,
+    num_classes: int | None,
     attention: str = "sdpa",
 ) -> Any:
     """tinymm.models.ViT in PyTorch: the same layers under the same state_dict names (torch's
@@ -414,9 +497,9 @@ def torch_vit(
             self.patch_embedding = tnn.Linear(patch_size * patch_size * channels, dim)
             self.blocks = tnn.ModuleList(Block() for _ in range(depth))
             self.ln_final = tnn.LayerNorm(dim)
-            self.head = MLP(dim, dim, num_classes)
+            self.head = MLP(dim, dim, num_classes) if num_classes else None
 
-        def forward(self, images: Any) -> Any:
+        def encode(self, images: Any) -> Any:  # every token state after the final norm
             n, h, w, c = images.shape  # (N, H, W, C) -> (N, N_p, P*P*C), as F.patchify
             p = patch_size
             x = images.reshape(n, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5)
@@ -424,7 +507,10 @@ def torch_vit(
             z = torch.cat([self.cls_token.expand(n, 1, dim), z], dim=1) + self.pos_embedding
             for block in self.blocks:
                 z = block(z)
-            return self.head(self.ln_final(z)[:, 0])
+            return self.ln_final(z)
+
+        def forward(self, images: Any) -> Any:
+            return self.head(self.encode(images)[:, 0])
 
     return TorchViT()
 
@@ -476,6 +562,276 @@ def torch_attention(torch: Any) -> Callable[[], None]:
         torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(grad)
 
     return run
+
+
+def torch_state(torch: Any, state: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A tinymm state_dict as torch tensors for the same names: Linear weights transposed
+    ((in, out) -> torch's (out, in)), conv weights (kh, kw, C_in, C_out) -> (C_out, C_in, kh, kw),
+    token embeddings and everything else as they are."""
+    out = {}
+    for name, w in state.items():
+        if w.ndim == 4:
+            w = w.transpose(3, 2, 0, 1)
+        elif w.ndim == 2 and name.endswith("weight") and "token_embedding" not in name:
+            w = w.T
+        out[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return out
+
+
+def torch_unet(
+    torch: Any,
+    in_channels: int,
+    context_dim: int,
+    channels: tuple[int, ...],
+    attention: tuple[bool, ...],
+    heads: int,
+    groups: int = 8,
+) -> Any:
+    """tinymm.models.unet.UNet in PyTorch, NCHW: the same layers under the same state_dict names
+    (weights through `torch_state`), the same order of concatenations, the same constant inputs
+    (timestep sinusoid, coordinate channels, query position features, computed by tinymm's
+    NumPy functions)."""
+    tnn, tF = torch.nn, torch.nn.functional
+    emb_dim = 4 * channels[0]
+
+    def norm(c: int) -> Any:  # GroupNorm over channel blocks, as tinymm's (N, HW, G, C/G)
+        return tnn.GroupNorm(math.gcd(groups, c), c)
+
+    class MLP(tnn.Module):  # fc2(silu(fc1(x)))
+        def __init__(self, dim: int, hidden: int, out: int) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = tnn.Linear(dim, hidden), tnn.Linear(hidden, out)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc2(tF.silu(self.fc1(x)))
+
+    class ResBlock(tnn.Module):
+        def __init__(self, c_in: int, c_out: int) -> None:
+            super().__init__()
+            self.norm1, self.conv1 = norm(c_in), tnn.Conv2d(c_in, c_out, 3, padding=1)
+            self.emb_proj = tnn.Linear(emb_dim, c_out)
+            self.norm2, self.conv2 = norm(c_out), tnn.Conv2d(c_out, c_out, 3, padding=1)
+            self.skip = tnn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+        def forward(self, x: Any, emb: Any) -> Any:
+            h = self.conv1(tF.silu(self.norm1(x)))
+            h = h + self.emb_proj(tF.silu(emb))[:, :, None, None]  # (N, C) -> (N, C, 1, 1)
+            h = self.conv2(tF.silu(self.norm2(h)))
+            return (x if self.skip is None else self.skip(x)) + h
+
+    class Attention(tnn.Module):  # separate q, k, v projections, as tinymm.nn.MultiHeadAttention
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.q_proj, self.out_proj = tnn.Linear(dim, dim), tnn.Linear(dim, dim)
+            self.k_proj, self.v_proj = tnn.Linear(context_dim, dim), tnn.Linear(context_dim, dim)
+
+        def forward(self, x: Any, context: Any) -> Any:
+            def split(z: Any) -> Any:  # (N, L, D) -> (N, heads, L, D/heads)
+                return z.view(z.shape[0], z.shape[1], heads, -1).transpose(1, 2)
+
+            q, k, v = (
+                split(self.q_proj(x)),
+                split(self.k_proj(context)),
+                split(self.v_proj(context)),
+            )
+            out = tF.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            return self.out_proj(out.reshape(x.shape))
+
+    class CrossAttention(tnn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.norm, self.pos_proj, self.attn = norm(c), tnn.Linear(16, c), Attention(c)
+
+        def forward(self, x: Any, context: Any) -> Any:
+            n, c, h, w = x.shape
+            queries = self.norm(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, HW, C)
+            where = torch.from_numpy(position_features(h, w).astype(np.float32))
+            out = self.attn(queries + self.pos_proj(where), context)
+            return x + out.transpose(1, 2).reshape(n, c, h, w)
+
+    class Conv(tnn.Module):  # Downsample / Upsample hold their conv as .conv
+        def __init__(self, c: int, stride: int, up: bool) -> None:
+            super().__init__()
+            self.conv, self.up = tnn.Conv2d(c, c, 3, stride=stride, padding=1), up
+
+        def forward(self, x: Any) -> Any:
+            return self.conv(tF.interpolate(x, scale_factor=2) if self.up else x)
+
+    class TorchUNet(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.time_mlp = MLP(channels[0], emb_dim, emb_dim)
+            self.conv_in = tnn.Conv2d(in_channels + 2, channels[0], 3, padding=1)
+            widths = (channels[0],) + channels
+            self.down_blocks = tnn.ModuleList(
+                ResBlock(widths[i], c) for i, c in enumerate(channels)
+            )
+            self.downs = tnn.ModuleList(Conv(c, 2, False) for c in channels[:-1])
+            mid = channels[-1]
+            self.mid_block1, self.mid_attn = ResBlock(mid, mid), CrossAttention(mid)
+            self.mid_block2 = ResBlock(mid, mid)
+            ins = [
+                (channels[i + 1] if i + 1 < len(channels) else mid) + c
+                for i, c in enumerate(channels)
+            ]
+            self.up_blocks = tnn.ModuleList(ResBlock(ins[i], c) for i, c in enumerate(channels))
+            self.ups = tnn.ModuleList(Conv(c, 1, True) for c in channels[1:])
+            self.norm_out = norm(channels[0])
+            self.conv_out = tnn.Conv2d(channels[0], in_channels, 3, padding=1)
+            for i, on in enumerate(attention):
+                if on:
+                    setattr(self, f"down_attn_{i}", CrossAttention(channels[i]))
+                    setattr(self, f"up_attn_{i}", CrossAttention(channels[i]))
+
+        def cross(self, name: str, h: Any, context: Any) -> Any:
+            return getattr(self, name)(h, context) if hasattr(self, name) else h
+
+        def forward(self, x: Any, t: np.ndarray, context: Any) -> Any:
+            n, height, width, _ = x.shape  # x (N, H, W, C) -> NCHW, and back at the end
+            sinusoid = torch.from_numpy(timestep_embedding(t, channels[0]).astype(np.float32))
+            emb = self.time_mlp(sinusoid)
+            where = torch.from_numpy(coordinates(n, height, width)).permute(0, 3, 1, 2)
+            h = self.conv_in(torch.cat([x.permute(0, 3, 1, 2), where], 1))
+            skips = []
+            for level, block in enumerate(self.down_blocks):
+                h = self.cross(f"down_attn_{level}", block(h, emb), context)
+                skips.append(h)
+                if level < len(self.downs):
+                    h = self.downs[level](h)
+            h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb), context), emb)
+            for level in reversed(range(len(channels))):
+                h = self.up_blocks[level](torch.cat([h, skips[level]], 1), emb)
+                h = self.cross(f"up_attn_{level}", h, context)
+                if level > 0:
+                    h = self.ups[level - 1](h)
+            return self.conv_out(tF.silu(self.norm_out(h))).permute(0, 2, 3, 1)
+
+    return TorchUNet()
+
+
+def torch_unet_step(torch: Any, model: Any, batch: int) -> Callable[[], float]:
+    """The U-Net step in PyTorch with the tinymm model's weights (its state before any step)."""
+    twin = torch_unet(torch, **UNET)
+    twin.load_state_dict(torch_state(torch, model.state_dict()))
+    opt = torch.optim.AdamW(twin.parameters(), lr=1e-3)
+    inputs = unet_inputs(batch)
+    x, context, eps = (torch.from_numpy(inputs[k]) for k in ("x", "context", "eps"))
+
+    def step() -> float:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(twin(x, inputs["t"], context), eps)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def torch_vlm(torch: Any, model: VLM) -> Any:
+    """A VLM with fusion="lecture" and vision_ids (as lesson 04's) in PyTorch with `model`'s
+    weights, and its greedy decoding with its own KV cache: `generate(images, prompts,
+    new_tokens)`, as VLM.generate for prompts of one length (no padding)."""
+    if model.fusion != "lecture" or model.vision_ids is None:
+        raise ValueError(
+            f"torch_vlm: needs fusion='lecture' with vision_ids, got fusion={model.fusion!r}, "
+            f"vision_ids={model.vision_ids}"
+        )
+    tnn, tF = torch.nn, torch.nn.functional
+    dim, heads, depth = model.dim, model.heads, len(model.blocks)
+    hidden = model.blocks[0].mlp.fc1.weight.shape[1]
+
+    class MLP(tnn.Module):  # fc2(gelu(fc1(x))), exact GELU as nn.TransformerBlock's default
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = tnn.Linear(dim, hidden), tnn.Linear(hidden, dim)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc2(tF.gelu(self.fc1(x)))
+
+    class Attention(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+                tnn.Linear(dim, dim) for _ in range(4)
+            )
+
+    class Block(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.attn, self.ln2, self.mlp = (
+                tnn.LayerNorm(dim),
+                Attention(),
+                tnn.LayerNorm(dim),
+                MLP(),
+            )
+
+    def split(z: Any) -> Any:  # (N, L, D) -> (N, heads, L, D/heads)
+        return z.view(z.shape[0], z.shape[1], heads, -1).transpose(1, 2)
+
+    class TorchVLM(tnn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            v = model.vision
+            self.vision = torch_vit(
+                torch, v.image_size[0], v.patch_size, v.channels, v.dim, len(v.blocks),
+                v.blocks[0].attn.heads, v.blocks[0].mlp.fc1.weight.shape[1] / v.dim, None,
+            )  # fmt: skip
+            self.image_projection = tnn.Linear(model.vision.dim, dim)
+            self.token_embedding = tnn.Embedding(model.vocab_size, dim)
+            self.pos_embedding = tnn.Parameter(torch.zeros(model.max_len, dim))
+            self.blocks = tnn.ModuleList(Block() for _ in range(depth))
+            self.ln_final = tnn.LayerNorm(dim)
+            self.lm_head = tnn.Linear(dim, model.vocab_size, bias=False)
+            self.image_positions = torch.from_numpy(model.image_positions)  # constant
+            self.vision_ids = torch.tensor(model.vision_ids)
+
+        def image_tokens(self, images: Any) -> Any:
+            patches = self.image_projection(self.vision.encode(images)[:, 1:])
+            patches = patches + self.image_positions
+            start, end = self.token_embedding(self.vision_ids).unbind(0)  # (D,) each
+            n = patches.shape[0]
+            return torch.cat([start.expand(n, 1, dim), patches, end.expand(n, 1, dim)], 1)
+
+        def extend(self, x: Any, cache: list, mask: Any) -> Any:
+            """New states x (N, T, D) through every block, attending over the cache + their own
+            keys (mask None: all of them); the cache grows in place (torch.cat)."""
+            for b, block in enumerate(self.blocks):
+                a, h = block.attn, block.ln1(x)
+                k = torch.cat([cache[b][0], split(a.k_proj(h))], 2)
+                v = torch.cat([cache[b][1], split(a.v_proj(h))], 2)
+                cache[b] = (k, v)
+                out = tF.scaled_dot_product_attention(split(a.q_proj(h)), k, v, attn_mask=mask)
+                x = x + a.out_proj(out.transpose(1, 2).reshape(x.shape))
+                x = x + block.mlp(block.ln2(x))
+            return x
+
+        def generate(self, images: np.ndarray, prompts: np.ndarray, new_tokens: int) -> Any:
+            with torch.inference_mode():
+                z_img = self.image_tokens(torch.from_numpy(images))
+                cache = []
+                for block in self.blocks:  # the image's keys and values, once
+                    h = block.ln1(z_img)
+                    cache.append((split(block.attn.k_proj(h)), split(block.attn.v_proj(h))))
+                ids = torch.from_numpy(prompts)
+                length, n_img = ids.shape[1], z_img.shape[1]
+                keys = torch.arange(n_img + length)  # every image key, the text causally
+                mask = keys[None, :] <= n_img + torch.arange(length)[:, None]
+                x = self.token_embedding(ids) + self.pos_embedding[:length]
+                x = self.extend(x, cache, mask)
+                logits = self.lm_head(self.ln_final(x[:, -1]))
+                out = []
+                for step in range(new_tokens):
+                    token = logits.argmax(-1)
+                    out.append(token)
+                    if step == new_tokens - 1:
+                        break
+                    x = self.token_embedding(token[:, None]) + self.pos_embedding[length + step]
+                    logits = self.lm_head(self.ln_final(self.extend(x, cache, None)[:, 0]))
+                return torch.stack(out, 1).numpy()
+
+    twin = TorchVLM()
+    twin.load_state_dict(torch_state(torch, model.state_dict()))
+    return twin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,6 +905,46 @@ def bench_attention(cfg: dict, torch: Any = None) -> dict[str, float]:
     if torch is not None:
         fns["torch"] = torch_attention(torch)
     return summarise(time_blocks(fns, **cfg), "attention_ms", 1e3)
+
+
+def bench_unet(cfg: dict, quick: bool, torch: Any = None) -> dict[str, float]:
+    """unet_step_ms: one training step of lesson 05's U-Net; with torch the same network in
+    PyTorch from the same weights (unet_loss_diff: |loss difference| of the first step)."""
+    step, model = tinymm_unet_step(QUICK_UNET_BATCH if quick else UNET_BATCH)
+    fns: dict[str, Callable[[], Any]] = {"tinymm": step}
+    out: dict[str, float] = {}
+    if torch is not None:
+        fns["torch"] = torch_unet_step(torch, model, QUICK_UNET_BATCH if quick else UNET_BATCH)
+        out["unet_loss_diff"] = abs(fns["tinymm"]() - fns["torch"]())  # the first step
+        if out["unet_loss_diff"] > 1e-4:
+            raise AssertionError(f"bench: the two U-Nets disagree: {out['unet_loss_diff']}")
+    return out | summarise(time_blocks(fns, **cfg), "unet_step_ms", 1e3)
+
+
+def bench_decode(cfg: dict, quick: bool, torch: Any = None) -> dict[str, float]:
+    """decode_tokens_per_s: greedy KV-cached decoding with lesson 04's VLM, generated tokens per
+    second (image encoding and prompt included), at the lesson's evaluation batch and at batch
+    1 (decode_b1_*). With torch: ratio_* = tinymm tokens/s / torch tokens/s (> 1: tinymm is
+    faster), and decode_same_tokens, the fraction of greedy tokens on which both agree."""
+    setup = QUICK_DECODE if quick else DECODE
+    model = tinymm_vlm()
+    twin = torch_vlm(torch, model) if torch is not None else None
+    out: dict[str, float] = {}
+    for batch, key in zip(setup["batches"], ("decode", "decode_b1"), strict=True):
+        tokens = batch * setup["new_tokens"]
+        fns = {"tinymm": tinymm_decode(model, batch, setup["prompt"], setup["new_tokens"])}
+        if twin is not None:
+            images, prompts = decode_inputs(batch, setup["prompt"])
+            fns["torch"] = lambda i=images, p=prompts: twin.generate(i, p, setup["new_tokens"])
+            same = fns["tinymm"]() == fns["torch"]()
+            out[f"{key}_same_tokens"] = float(same.mean())
+        times = time_blocks(fns, **cfg)
+        out[f"{key}_tokens_per_s"] = tokens / statistics.median(times["tinymm"])
+        if twin is not None:
+            out[f"torch_{key}_tokens_per_s"] = tokens / statistics.median(times["torch"])
+            ratios = [b / a for a, b in zip(times["tinymm"], times["torch"], strict=True)]
+            out[f"ratio_{key}_tokens_per_s"] = statistics.median(ratios)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,8 +1048,21 @@ def table(r: dict[str, float], info: dict[str, Any]) -> str:
     row("4. conv2d 3x3 32->32, 32x32, batch 32, f+b", "conv_ms", "ms", ".1f", "ratio_conv")
     row("   achieved", "conv_gflops", "GFLOP/s")
     row("5. attention f+b, (64, 4, 65, 16)", "attention_ms", "ms", ".2f", "ratio_attention")
+    unet_batch = QUICK_UNET_BATCH if r["quick"] else UNET_BATCH
+    row(f"6. U-Net training step (lesson 05, batch {unet_batch})", "unet_step_ms", "ms", ".1f",
+        "ratio_unet_step")  # fmt: skip
     if has_torch:
-        lines.append("tinymm/torch: median of paired block ratios; < 1 means tinymm is faster")
+        lines.append(f"   |loss difference|, first step{r['unet_loss_diff']:>28.1e}")
+    setup = QUICK_DECODE if r["quick"] else DECODE
+    for batch, key in zip(setup["batches"], ("decode", "decode_b1"), strict=True):
+        label = f"7. greedy decoding, {setup['new_tokens']} tokens, batch {batch}"
+        row(label if key == "decode" else f"   batch {batch}", f"{key}_tokens_per_s", "tok/s",
+            ".0f", f"ratio_{key}_tokens_per_s")  # fmt: skip
+    if has_torch:
+        same = min(r["decode_same_tokens"], r["decode_b1_same_tokens"])
+        lines.append(f"   same greedy tokens in both (fraction){same:>21.3f}")
+        lines.append("tinymm/torch: median of paired block ratios; < 1 means tinymm is faster,")
+        lines.append("except for tokens/s (7.), where > 1 means tinymm is faster")
     return "\n".join(lines)
 
 
@@ -671,6 +1080,8 @@ def run(quick: bool = False, torch: Any = None) -> tuple[dict[str, float], dict[
     r |= bench_vit(cfg, r["blas_peak_gflops"], torch)
     r |= bench_conv(cfg, torch)
     r |= bench_attention(cfg, torch)
+    r |= bench_unet(cfg, quick, torch)
+    r |= bench_decode(cfg, quick, torch)
     info["load_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     info["seconds"] = time.perf_counter() - start
     r |= {

@@ -52,9 +52,17 @@ def _ones(n: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _mean(a: np.ndarray, axes: Any) -> np.ndarray:
-    """a.mean(axes, keepdims=True), through `_sum` where it is faster."""
+    """a.mean(axes, keepdims=True), through `_sum` where it is faster; over axes (1, 3) of
+    group norm's (N, HW, G, C/G) as a product with a ones vector over the HW positions, then
+    a sum of each group's few channels: 7-30x faster than a.mean(axis=(1, 3)) at lesson 05's
+    sizes (NumPy's reduction over two strided axes is slow)."""
     if axes in (-1, (-1,)):
         return _sum(a, -1) / a.shape[-1]
+    if axes == (1, 3) and a.ndim == 4:
+        n, positions, groups, width = a.shape
+        sums = _ones(positions, a.dtype) @ a.reshape(n, positions, groups * width)  # (N, C)
+        sums = sums.reshape(n, 1, groups, width).sum(axis=3, keepdims=True)  # (N, 1, G, 1)
+        return sums / (positions * width)
     return a.mean(axis=axes, keepdims=True)
 
 
@@ -173,10 +181,39 @@ def _normal_cdf_and_density(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def silu(x: Tensor) -> Tensor:
-    """y = x s, s = sigmoid(x) = 1 / (1 + e^{-x});  dy/dx = s + x s (1 - s) = s (1 + x (1 - s))."""
+    """y = x s, s = sigmoid(x) = 1 / (1 + e^{-x});  dy/dx = s + x s (1 - s) = s (1 + x (1 - s)).
+
+    s is computed as (1 + tanh(x/2)) / 2, the same function: no overflow for large -x, and on
+    this machine ~25x faster than through np.logaddexp (1.7 vs 43 ms for 786k float32 values,
+    the widest activation of lesson 05's U-Net step, which called it 20 times). Buffers built
+    in place, by row blocks on two threads when large (as gelu_tanh)."""
     a = x.data
-    s = np.exp(-np.logaddexp(0, -a)).astype(a.dtype)  # sigmoid without overflow
-    return record("silu", a * s, (x,), lambda g: (g * s * (1 + a * (1 - s)),), saved=(x,))
+    s, out = np.empty_like(a), np.empty_like(a)
+
+    def forward_rows(r):
+        np.multiply(a[r], 0.5, out=s[r])  # s = (1 + tanh(x/2)) / 2, built in place
+        np.tanh(s[r], out=s[r])
+        s[r] *= 0.5
+        s[r] += 0.5
+        np.multiply(a[r], s[r], out=out[r])
+
+    parallel.rows(forward_rows, a)
+
+    def backward(g):
+        grad = np.empty_like(a)
+
+        def backward_rows(r):
+            dx = grad[r]
+            np.subtract(1, s[r], out=dx)  # dx = g s (1 + x (1 - s)), built in place
+            dx *= a[r]
+            dx += 1
+            dx *= s[r]
+            dx *= g[r]
+
+        parallel.rows(backward_rows, a)
+        return (grad,)
+
+    return record("silu", out, (x,), backward, saved=(x,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -411,11 +448,15 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
     so dx adds g @ W[i, j]^T into those shifted positions: kh*kw matmuls, no scatter."""
     kh, kw, c_in, c_out = weight.shape
     p = padding
+    pointwise = kh == kw == 1 and stride == 1 and not p  # a 1x1 conv: the pixels are the rows
     x_padded = np.pad(x.data, ((0, 0), (p, p), (p, p), (0, 0))) if p else x.data
     window_view = windows(x_padded, kh, kw, stride)  # (N, Ho, Wo, kh, kw, C_in), no copy
     n, ho, wo = window_view.shape[:3]
-    cols = np.empty(window_view.shape, x_padded.dtype)
-    parallel.rows(lambda r: np.copyto(cols[r], window_view[r]), cols)  # the copy, by images
+    if pointwise:
+        cols = np.ascontiguousarray(x_padded)  # (no copy unless x is a strided view)
+    else:
+        cols = np.empty(window_view.shape, x_padded.dtype)
+        parallel.rows(lambda r: np.copyto(cols[r], window_view[r]), cols)  # the copy, by images
     cols = cols.reshape(n * ho * wo, kh * kw * c_in)
     w_matrix = weight.data.reshape(kh * kw * c_in, c_out)
     out = parallel.matmul(cols, w_matrix, None if bias is None else bias.data)
@@ -423,9 +464,13 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
 
     def backward(g):
         g_rows = g.reshape(-1, c_out)
-        gw = parallel.matmul(cols.T, g_rows).reshape(weight.shape) if weight.requires_grad else None
+        gw = None
+        if weight.requires_grad:  # dW = cols^T g, computed as (g^T cols)^T: BLAS was ~8% faster
+            gw = parallel.matmul(g_rows.T, cols).T.reshape(weight.shape)  # in that orientation
         gx = None
-        if x.requires_grad:
+        if pointwise and x.requires_grad:  # dx = g W^T, nothing to shift
+            gx = parallel.matmul(g_rows, w_matrix.T).reshape(x.shape)
+        elif x.requires_grad:
             gx_padded = np.zeros(x_padded.shape, dtype=x_padded.dtype)
 
             def dx_images(r):  # the input gradient of the images r

@@ -54,9 +54,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.special import erf
 
 from .. import functional as F
-from .. import nn
+from .. import nn, parallel
+from ..kernels import _normal_cdf_and_density, _normalise
+from ..modes import is_reference_mode
 from ..tensor import DEFAULT_DTYPE, Tensor, concatenate, default_rng, no_grad
 from .vit import ViT
 
@@ -120,6 +123,41 @@ def sincos_2d(rows: int, cols: int, dim: int, extent: tuple[float, float]) -> np
         return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(len(p), -1)
 
     return np.concatenate([code(yy), code(xx)], axis=1).astype(DEFAULT_DTYPE)
+
+
+_GELUS = ("gelu", "gelu_tanh")  # the MLP activations `_gelu` computes
+
+
+def _gelu(x: np.ndarray, mlp: nn.MLP) -> np.ndarray:
+    """The MLP's GELU on arrays, as F.gelu: exact x Phi(x), or the tanh approximation.
+    Phi = (1 + erf(x / sqrt 2)) / 2 by SciPy's erf for small arrays (one call; a batch of a few
+    sequences), as the fused kernel computes it for large ones (in float32 its vectorised
+    A&S 7.1.26, faster than SciPy's scalar loop from ~10^4 values on)."""
+    if mlp.activation == "gelu" and (x.size <= 8192 or x.dtype != np.float32):
+        return x * (0.5 * (1 + erf(x * (1 / math.sqrt(2)))))
+    if mlp.activation == "gelu":
+        return x * _normal_cdf_and_density(x)[0]
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _standardise(x: np.ndarray, eps: float) -> np.ndarray:
+    """xhat = (x - mean) / sqrt(var + eps) over the last axis: a layer norm before its scale
+    and shift, as the fused kernel computes it."""
+    return _normalise(x, -1, eps)[0]
+
+
+def _bias(layer: nn.Linear) -> np.ndarray:
+    """A linear layer's bias, zeros if it has none."""
+    out = layer.weight.shape[1]
+    return np.zeros(out, layer.weight.dtype) if layer.bias is None else layer.bias.data
+
+
+def _room(states: np.ndarray, extra: int) -> np.ndarray:
+    """Cached keys or values (N, heads, L, d) copied into a buffer with `extra` more places."""
+    n, heads, length, d = states.shape
+    buffer = np.empty((n, heads, length + extra, d), states.dtype)
+    buffer[:, :, :length] = states
+    return buffer
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -343,6 +381,87 @@ class VLM(nn.Module):
             grown.append((k, v))
         return x, grown
 
+    def _decode_step(
+        self, x: np.ndarray, cache: list[tuple[np.ndarray, np.ndarray]], valid: np.ndarray, folded
+    ) -> np.ndarray:
+        """`_extend` for one new token per sequence, on NumPy arrays: the fast reading of the
+        decoding step (reference mode runs `_extend`; the tests check that both agree).
+
+        x (N, D): the new tokens' input states. cache: per block, keys and values allocated
+        once for the whole generation, (N, heads, L_max, d), filled below position t, where
+        this token's k and v are written (no copy of the cache per token, as concatenate
+        makes). valid (N, t + 1) marks the real keys. folded: `_folded_weights()`.
+        Returns the new states (N, D). Per block, as _extend with T = 1 (a lone query: nothing
+        later to hide):
+            h = LN1(x);  q, k, v = h W^Q, h W^K, h W^V;  p = softmax(q K^T / sqrt(d)) over the
+            real keys;  x <- x + (p V) W^O;  x <- x + W_2 GELU(LN2(x) W_1)
+        One product over all heads per step (np.matmul over (N, heads)) and no graph: decoding
+        was ~75 graph nodes per token, overhead-bound at small batches (tinymm.bench item 7).
+        The sequences are independent: a large batch is split over the threads
+        (tinymm.parallel), each running the whole step on its share."""
+        out = np.empty_like(x)
+
+        def sequences(r):  # the step for the sequences r
+            out[r] = self._decode_rows(x[r], [(k[r], v[r]) for k, v in cache], valid[r], folded)
+
+        parallel.rows(sequences, cache[0][0])  # split by the size of the cache it reads
+        return out
+
+    def _decode_rows(self, x, cache, valid, folded) -> np.ndarray:
+        n, heads, t = x.shape[0], self.heads, valid.shape[1] - 1
+        blocked = None if valid.all() else ~valid[:, None, :]  # (N, 1, t + 1): padded keys
+        lowest = np.finfo(x.dtype).min
+        for block, (keys, values), (w_qkv, b_qkv, w_o, b_o, w_1, b_1, w_2, b_2) in zip(
+            self.blocks, cache, folded, strict=True
+        ):
+            qkv = _standardise(x, block.ln1.eps) @ w_qkv  # [q, k, v] = LN1(x) [W^Q W^K W^V]
+            qkv += b_qkv
+            q, k, v = np.split(qkv.reshape(n, 3, heads, -1), 3, axis=1)  # (N, 1, heads, d)
+            keys[:, :, t], values[:, :, t] = k[:, 0], v[:, 0]
+            scores = np.matmul(keys[:, :, : t + 1], q[:, 0, :, :, None])[..., 0]  # K q
+            scores *= 1 / math.sqrt(q.shape[-1])  # (N, heads, t + 1)
+            if blocked is not None:
+                np.copyto(scores, lowest, where=blocked)
+            scores -= scores.max(axis=-1, keepdims=True)  # softmax over the keys
+            weights = np.exp(scores, out=scores)
+            weights /= weights.sum(axis=-1, keepdims=True)
+            out = np.matmul(weights[:, :, None, :], values[:, :, : t + 1])  # (N, heads, 1, d)
+            x = x + (out.reshape(n, -1) @ w_o + b_o)
+            hidden = _standardise(x, block.ln2.eps) @ w_1  # LN2(x) W_1
+            hidden += b_1
+            x = x + (_gelu(hidden, block.mlp) @ w_2 + b_2)
+        return x
+
+    def _folded_weights(self) -> list[tuple[np.ndarray, ...]]:
+        """Per block, the matrices of `_decode_rows`, with W^Q, W^K, W^V side by side (one
+        product) and each layer norm's scale w and shift b folded into the product after it:
+            LN(x) W + c = xhat (w[:, None] W) + (b W + c),   xhat = (x - mean) / sqrt(var + eps)
+        (the same function; made once per `generate`, they save 4 NumPy calls per norm).
+        Returns [(W_qkv, b_qkv, W^O, b^O, W_1, b_1, W_2, b_2)] and the folded head (W, b)."""
+
+        def fold(ln: nn.LayerNorm, layers: list[nn.Linear]) -> tuple[np.ndarray, np.ndarray]:
+            w = np.concatenate([layer.weight.data for layer in layers], axis=1)
+            bias = np.concatenate([_bias(layer) for layer in layers])
+            return ln.weight.data[:, None] * w, ln.bias.data @ w + bias
+
+        folded = []
+        for block in self.blocks:
+            a, mlp = block.attn, block.mlp
+            w_o, w_2 = a.out_proj.weight.data, mlp.fc2.weight.data
+            folded.append(
+                (*fold(block.ln1, [a.q_proj, a.k_proj, a.v_proj]), w_o, _bias(a.out_proj),
+                 *fold(block.ln2, [mlp.fc1]), w_2, _bias(mlp.fc2))
+            )  # fmt: skip
+        return folded, fold(self.ln_final, [self.lm_head])
+
+    def _fast_decoding(self) -> bool:
+        """May `generate` decode with `_decode_step`? Fused mode (not reference mode), GELU
+        MLPs, and no dropout that would act (eval mode or p = 0)."""
+        return not is_reference_mode() and all(
+            b.mlp.activation in _GELUS and (not self.training or b.dropout.p == 0)
+            for b in self.blocks
+        )
+
     def _prefill(
         self, z_img: Tensor, ids: np.ndarray, mask: np.ndarray
     ) -> tuple[Tensor, KVCache, np.ndarray]:
@@ -416,12 +535,18 @@ class VLM(nn.Module):
             if len(z_img.data) != n:
                 raise ValueError(f"generate: {len(z_img.data)} images but {n} prompts")
             self._check_text(ids, mask, n)
+            fast = use_cache and self._fast_decoding()
             if use_cache:
                 logits, cache, valid = self._prefill(z_img, ids, mask)
+                if fast:  # the cache as arrays with room for every new token
+                    cache = [(_room(k.data, max_new_tokens), _room(v.data, max_new_tokens))
+                             for k, v in cache]  # fmt: skip
+                    folded, (w_head, b_head) = self._folded_weights()
             else:
                 logits = self.decode(z_img, ids, mask)[:, -1]
+            logits = logits.data
             for step in range(max_new_tokens):
-                scores = logits.data.astype(np.float64)
+                scores = logits.astype(np.float64)
                 chosen_from.append(scores)
                 token = self._pick(scores, temperature, top_k, rng)
                 token = np.where(done, pad_id, token)
@@ -434,12 +559,20 @@ class VLM(nn.Module):
                 ids = np.concatenate([ids, token[:, None]], axis=1)
                 mask = np.concatenate([mask, np.ones((n, 1), dtype=bool)], axis=1)
                 if use_cache:
-                    x = self.token_embedding(token[:, None]) + self.pos_embedding[position]
                     valid = np.concatenate([valid, np.ones((n, 1), dtype=bool)], axis=1)
+                if fast:
+                    x = (
+                        self.token_embedding.weight.data[token]
+                        + self.pos_embedding.data[position[:, 0]]
+                    )
+                    x = self._decode_step(x.astype(z_img.dtype), cache, valid, folded)
+                    logits = _standardise(x, self.ln_final.eps) @ w_head + b_head
+                elif use_cache:
+                    x = self.token_embedding(token[:, None]) + self.pos_embedding[position]
                     x, cache = self._extend(x, cache, valid)
-                    logits = self.lm_head(self.ln_final(x))[:, 0]
+                    logits = self.lm_head(self.ln_final(x))[:, 0].data
                 else:
-                    logits = self.decode(z_img, ids, mask)[:, -1]
+                    logits = self.decode(z_img, ids, mask)[:, -1].data
         tokens = np.stack(out, axis=1)
         return (tokens, np.stack(chosen_from, axis=1)) if return_logits else tokens
 

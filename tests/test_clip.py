@@ -268,3 +268,24 @@ def test_save_clip_then_load_clip_gives_the_same_model_and_tokenizer(tokenizer, 
         load_clip(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="config lacks"):
         save_clip(model, tokenizer, tmp_path / "bad", {"dim": 16})
+
+
+def test_text_transformer_causal_or_bidirectional_and_its_padding_mask():
+    """Causal: a token's state ignores the tokens after it. causal=False: it depends on them,
+    and with a mask the padding (the masked tokens) changes nothing."""
+    tm.manual_seed(0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30, (3, 8))
+    later = ids.copy()
+    later[:, 5:] = (ids[:, 5:] + 1) % 30  # change tokens 5..7
+    mask = np.ones(ids.shape, bool)
+    mask[:, 5:] = False  # ... which are padding for the masked encoder
+    for causal in (True, False):
+        text = TextTransformer(30, 8, dim=16, depth=2, heads=2, causal=causal)
+        with tm.no_grad():
+            a, b = text.encode(ids).data, text.encode(later).data
+            am, bm = text.encode(ids, mask=mask).data, text.encode(later, mask=mask).data
+        assert np.allclose(a[:, :5], b[:, :5], atol=1e-6) == causal
+        np.testing.assert_allclose(am[:, :5], bm[:, :5], atol=1e-6)
+    with pytest.raises(ValueError, match="mask"):
+        text.encode(ids, mask=mask[:, :4])

@@ -5,6 +5,9 @@ The text tower of CLIP and the decoder of a small language model are this same s
     Z_text = E_tok[ids] + E_pos[:L]                  (N, L) -> (N, L, D)
     Z = block_l(Z, causal)  for l = 1..depth         token i may attend only to tokens <= i
     Z = LayerNorm(Z)
+
+With causal=False every token attends to the whole text (an encoder, as BERT or the XLM-R text
+encoder of Kandinsky 2): a word's state then also knows the words after it.
 """
 
 from __future__ import annotations
@@ -21,13 +24,21 @@ MLP_ACTIVATION = "gelu_tanh"  # GELU, tanh approximation (as GPT-2): faster here
 
 
 class TextTransformer(nn.Module):
-    """Causal transformer over token ids (N, L) -> token states (N, L, dim)."""
+    """Causal (default) or bidirectional transformer over token ids (N, L) -> token states
+    (N, L, dim)."""
 
     def __init__(
-        self, vocab_size: int, max_len: int, dim: int, depth: int, heads: int, mlp_ratio: float = 4
+        self,
+        vocab_size: int,
+        max_len: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4,
+        causal: bool = True,
     ):
         super().__init__()
-        self.vocab_size, self.max_len, self.dim = vocab_size, max_len, dim
+        self.vocab_size, self.max_len, self.dim, self.causal = vocab_size, max_len, dim, causal
         self.token_embedding = nn.Embedding(vocab_size, dim)
         self.token_embedding.weight.data[...] = 0.02 * default_rng().standard_normal(
             (vocab_size, dim)
@@ -41,9 +52,11 @@ class TextTransformer(nn.Module):
         )
         self.ln_final = nn.LayerNorm(dim)
 
-    def encode(self, ids: np.ndarray, return_weights: bool = False) -> Any:
+    def encode(self, ids: np.ndarray, return_weights: bool = False, mask: Any = None) -> Any:
         """Every token's final state (N, L, dim); with return_weights also the attention
-        weights of every block, stacked (depth, N, heads, L, L)."""
+        weights of every block, stacked (depth, N, heads, L, L). mask (N, L) bool, True = a real
+        token: padding is then never attended (a causal text needs none when padded on the
+        right, as its real tokens never look right)."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
             raise ValueError(f"ids must be (N, L) token ids, got shape {ids.shape}")
@@ -51,7 +64,12 @@ class TextTransformer(nn.Module):
         if length > self.max_len:
             raise ValueError(f"sequence of length {length} is longer than max_len {self.max_len}")
         x = self.token_embedding(ids) + self.pos_embedding[:length]
-        x = run_blocks(self.blocks, x, causal=True, return_weights=return_weights)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != ids.shape:
+                raise ValueError(f"mask must have the shape of ids {ids.shape}, got {mask.shape}")
+            mask = mask[:, None, None, :]  # (N, 1, 1, L): every query, every head
+        x = run_blocks(self.blocks, x, causal=self.causal, return_weights=return_weights, mask=mask)
         x, weights = x if return_weights else (x, None)
         x = self.ln_final(x)
         return (x, weights) if return_weights else x

@@ -119,13 +119,15 @@ class TransformerBlock(Module):
         return (x, weights) if return_weights else x
 
 
-def run_blocks(blocks: Any, x: Tensor, causal: bool = False, return_weights: bool = False) -> Any:
-    """x through each transformer block in turn: (N, L, dim) -> (N, L, dim). With
-    return_weights also every block's attention weights, stacked (depth, N, heads, L, L), for
-    figures."""
+def run_blocks(
+    blocks: Any, x: Tensor, causal: bool = False, return_weights: bool = False, mask: Any = None
+) -> Any:
+    """x through each transformer block in turn: (N, L, dim) -> (N, L, dim); mask (broadcast to
+    (N, heads, L, L), True = may attend) as the blocks take it. With return_weights also every
+    block's attention weights, stacked (depth, N, heads, L, L), for figures."""
     weights = []
     for block in blocks:
-        x = block(x, causal=causal, return_weights=return_weights)
+        x = block(x, mask=mask, causal=causal, return_weights=return_weights)
         if return_weights:
             x, w = x
             weights.append(w.data)

@@ -289,3 +289,12 @@ def test_text_transformer_causal_or_bidirectional_and_its_padding_mask():
         np.testing.assert_allclose(am[:, :5], bm[:, :5], atol=1e-6)
     with pytest.raises(ValueError, match="mask"):
         text.encode(ids, mask=mask[:, :4])
+
+
+def test_text_transformer_embedding_std_sets_the_scale_of_the_word_embeddings():
+    tm.manual_seed(0)
+    small = TextTransformer(200, 8, dim=32, depth=1, heads=2).token_embedding.weight.data
+    big = TextTransformer(200, 8, dim=32, depth=1, heads=2, embedding_std=1.0)
+    assert abs(small.std() - 0.02) < 0.002 and abs(big.token_embedding.weight.data.std() - 1) < 0.1
+    with pytest.raises(ValueError, match="embedding_std"):
+        TextTransformer(200, 8, dim=32, depth=1, heads=2, embedding_std=0.0)

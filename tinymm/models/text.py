@@ -25,7 +25,12 @@ MLP_ACTIVATION = "gelu_tanh"  # GELU, tanh approximation (as GPT-2): faster here
 
 class TextTransformer(nn.Module):
     """Causal (default) or bidirectional transformer over token ids (N, L) -> token states
-    (N, L, dim)."""
+    (N, L, dim).
+
+    embedding_std: the token embeddings start as N(0, embedding_std^2); 0.02 as GPT-2 and CLIP,
+    whose losses train the embeddings directly. An encoder trained only through another
+    model's attention (lesson 05's, through the U-Net) needs words that stand out from what
+    the blocks add at the start: 1.0 there (PyTorch's nn.Embedding default)."""
 
     def __init__(
         self,
@@ -36,11 +41,14 @@ class TextTransformer(nn.Module):
         heads: int,
         mlp_ratio: float = 4,
         causal: bool = True,
+        embedding_std: float = 0.02,
     ):
         super().__init__()
         self.vocab_size, self.max_len, self.dim, self.causal = vocab_size, max_len, dim, causal
         self.token_embedding = nn.Embedding(vocab_size, dim)
-        self.token_embedding.weight.data[...] = 0.02 * default_rng().standard_normal(
+        if not embedding_std > 0:
+            raise ValueError(f"embedding_std must be > 0, got {embedding_std}")
+        self.token_embedding.weight.data[...] = embedding_std * default_rng().standard_normal(
             (vocab_size, dim)
         )
         self.pos_embedding = nn.Parameter(

@@ -224,7 +224,10 @@ t_phase = phase("judge", t_phase)
 if args.clip is None:
     tokenizer = BPETokenizer.train(train.captions, VOCAB_SIZE)
     max_len = max(len(tokenizer.encode(c)) for c in train.captions)
-    text = TextTransformer(tokenizer.vocab_size, max_len, TEXT_DIM, TEXT_DEPTH, TEXT_HEADS)
+    # words start as N(0, 1), not GPT-2's N(0, 0.02^2): see the docstring
+    text = TextTransformer(
+        tokenizer.vocab_size, max_len, TEXT_DIM, TEXT_DEPTH, TEXT_HEADS, embedding_std=1.0
+    )
 else:  # lesson 03's saved model (tinymm.models.clip.save_clip)
     clip_model, tokenizer = load_clip(args.clip)
     text, max_len = clip_model.text, clip_model.text.max_len

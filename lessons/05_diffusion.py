@@ -34,22 +34,24 @@ representation." Three models, trained in turn:
    fraction it reads as the prompt said, gen_all all four right; at the default guidance scale
    and at s = 1 (gen_all_unguided). samples.npz holds those pictures and their prompts.
 
-Seeds 1 and 2 (757 s, 620 s, load ~3): shape 0.69 / 0.56, position 0.09 / 0.13, colour 0.98 /
-0.95, size 0.93 / 0.93, all 0.07 / 0.08 (s = 1: 0.04 / 0.01).
-Measured (seed 0, default run, 966 s with load ~4-6 on the 2 cores): KL-AE 30.3 dB, judge
->= 0.98 on every attribute of real images (0.87 all-right on KL-AE reconstructions: the ceiling
-of what the judge can read in a decoded picture); generated at s = 3: colour 0.97, size 0.92,
-shape 0.47, position 0.09, all 0.04 (s = 1: colour 0.86, size 0.78, shape 0.33, all 0.03).
-Colour and size follow the caption and guidance helps them; the U-Net places the object in one
-of the nine cells (it learned the layout) but in a random one: position is NOT conditioned yet,
-and shapes are often round blobs. The targets of issue #16 (shape 0.80, position 0.90, gen_all
-+0.15 with guidance) are not met. Tried, in order: a conv-net judge (shape 0.23 on real images;
-a ViT judge reads 0.98); a KL-AE trained 300 steps of 64 with KL weight 1e-4 and log-variance
-starting at 0 (every shape came back a round blob; the judge read 0.44 of reconstructed shapes);
-now 800 steps of 32, KL weight 1e-5, log sigma^2 starting at -8: 0.86-0.88 (the three changes
-were made together, their shares not measured); a wider U-Net
-(64, 128) for 900 steps; CoordConv input channels, then position features in every
-cross-attention query (both left position at chance: 0.10, 0.09); whole-word tokens.
+What made it work, and what did not. For a long time the U-Net drew the object in a random
+cell whatever the caption said (position 0.09-0.13, chance) and shapes came out as blobs
+(0.47-0.69), while colour and size followed the caption. The cause was the text encoder's
+start: GPT-2/CLIP start word embeddings at N(0, 0.02^2), fine when a loss trains them directly;
+here they are trained only through the U-Net's cross-attention, and words 50x smaller than what
+the blocks add were drowned: the later words of the caption (shape, then position) never got
+through. Starting them at N(0, 1) (TextTransformer(embedding_std=1.0), PyTorch's nn.Embedding
+default) fixed it; on a toy (a blob placed by the caption's position word, 1200 steps) the
+position was right 0.07 of the time with 0.02 and 0.81 with 1.0. Tried before that, none of
+which moved position off chance: a wider U-Net (64, 128) for 900 steps; CoordConv input
+channels; position features in every cross-attention query (both kept: they are cheap and
+make "top left" easy to attach); whole-word tokens; a bidirectional text encoder; the cosine
+schedule (worse: its abar_T ~ 0 makes DDIM's first x0_hat explode without clipping: colour
+0.26). Also: a conv-net judge read 0.23 of real shapes (a ViT judge 0.98); a KL-AE trained 300
+steps of 64 with KL weight 1e-4 and log-variance starting at 0 turned every shape into a round
+blob (the judge read 0.44 of reconstructed shapes); 800 steps of 32, KL weight 1e-5, log sigma^2
+starting at -8: 0.86-0.88 (three changes made together, their shares not measured).
+Measured: README.md (seeds 0, 1 and 2).
 
 What to look at, under runs/05_diffusion/: forward.png (a picture noised to white noise, in
 pixels and in the latent space), reverse.png (one sample, z_t and the prediction x0_hat decoded
@@ -58,18 +60,18 @@ reconstructions.png (KL-AE), cross_attention.png (which positions attend to whic
 schedules.png (abar_t of the linear and cosine schedules), loss curves.
 """
 
-import tinymm as tm  # noqa: I001 (first: it sets up OpenBLAS before NumPy loads)
-
 import time
 
 import numpy as np
 
-from tinymm import diffusion, functional as F, nn, optim, viz
+import tinymm as tm
+from tinymm import diffusion, nn, optim, viz
+from tinymm import functional as F
 from tinymm.data import COLOURS, POSITIONS, SHAPES, SIZES, BPETokenizer, splits
 from tinymm.data.shapes import Attributes, make_caption
 from tinymm.models import TextTransformer, ViT
-from tinymm.models.clip import load_clip
 from tinymm.models.autoencoder import KLAutoencoder
+from tinymm.models.clip import load_clip
 from tinymm.models.unet import UNet
 from tinymm.train import checkpointing, fit, in_batches, lesson_args, result_line
 

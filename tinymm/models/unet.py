@@ -30,8 +30,8 @@ reads the noisy picture x_t, the step t and the text, and predicts the noise eps
 - Where am I: convolutions see only a neighbourhood and attention has no order, so "in the
   top left" would have nothing to attach to. Two input channels hold each pixel's (row, column)
   in [-1, 1] (CoordConv, `coordinates`), and every cross-attention query adds its place
-  (`position_features`). Measured: without the query positions the U-Net drew the object in a
-  random cell whatever the caption said (position 0.10 = chance, with or without CoordConv).
+  (`position_features`). (Lesson 05 measured that these alone did not make position follow
+  the caption: its text encoder's words had to start larger; see the lesson's docstring.)
 - Down-sampling: a stride-2 3x3 convolution; up-sampling ("then up-samples"): nearest x2 then a
   3x3 convolution; the skips carry the fine detail across the U by concatenation.
 

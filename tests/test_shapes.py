@@ -63,6 +63,19 @@ def test_same_seed_gives_bitwise_identical_data(seed, image_size, objects):
     assert a.captions == b.captions
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_images_do_not_depend_on_how_many_are_composed_at_a_time(chunk, monkeypatch):
+    """make_shapes composes CHUNK images at a time (to bound its memory) and draws their noise
+    chunk after chunk: the same pixels, bitwise, as all at once."""
+    from tinymm.data import shapes
+
+    whole = make_shapes(10, seed=3, objects=2)
+    monkeypatch.setattr(shapes, "CHUNK", chunk)
+    chunked = make_shapes(10, seed=3, objects=2)
+    assert chunked.images.tobytes() == whole.images.tobytes()
+    assert chunked.captions == whole.captions
+
+
 @given(seed=seeds)
 def test_different_seeds_give_different_data(seed):
     a = make_shapes(20, seed=seed)

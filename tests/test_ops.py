@@ -392,6 +392,26 @@ def test_getitem_boolean_mask(x, data):
     check_op(lambda t: t[tm.tensor(mask)], lambda a: a[mask], x)
 
 
+@given(
+    rows=st.integers(1, 6),
+    tail=hnp.array_shapes(min_dims=0, max_dims=2, max_side=3),
+    ids=hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=6),
+    data=st.data(),
+)
+def test_add_rows_is_add_at(rows, tail, ids, data):
+    """The gradient of a row lookup (getitem with one id array) sums each id's rows,
+    negative ids included: what np.add.at does, up to float rounding."""
+    from tinymm.tensor import add_rows
+
+    index = data.draw(hnp.arrays(np.int64, ids, elements=st.integers(-rows, rows - 1)))
+    g = data.draw(hnp.arrays(np.float64, ids + tail, elements=st.floats(-10, 10)))
+    expected = np.zeros((rows, *tail))
+    np.add.at(expected, index, g)
+    got = add_rows((rows, *tail), index, g)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_getitem_repeated_index_scatter_adds():
     t = tm.tensor([1.0, 2.0, 3.0], requires_grad=True)
     t[[0, 0, 2, 0]].sum().backward()

@@ -728,6 +728,8 @@ class Tensor:
         shape, dtype = self.shape, self.dtype
 
         def backward(g):
+            if isinstance(index, np.ndarray) and index.dtype.kind in "iu":  # rows by id
+                return (add_rows(shape, index, g, dtype),)
             full = np.zeros(shape, dtype=dtype)
             if _is_basic(index):
                 full[index] = g  # basic indexing never repeats an element
@@ -831,6 +833,24 @@ def _index_data(index: Any) -> Any:
     if isinstance(index, tuple):
         return tuple(i.data if isinstance(i, Tensor) else i for i in index)
     return index
+
+
+def add_rows(shape: tuple, ids: np.ndarray, g: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """The gradient of a row lookup `table[ids]` (getitem with one integer array): zeros(shape)
+    with each g[...] added to row ids[...], repeated ids summed. What np.add.at(full, ids, g)
+    computes (up to float rounding: reduceat adds a row's terms pairwise, add.at one by one),
+    4x faster for lesson 04's image rows (each image's tokens repeated for its 5 questions): the
+    ids are sorted once and each run of equal ids is summed by one np.add.reduceat."""
+    flat = ids.reshape(-1)
+    rows = g.reshape(flat.size, math.prod(shape[1:]))
+    full = np.zeros((shape[0], rows.shape[1]), dtype=g.dtype if dtype is None else dtype)
+    if flat.size:
+        flat = np.where(flat < 0, flat + shape[0], flat)  # negative ids count from the end
+        order = np.argsort(flat, kind="stable")
+        ordered = flat[order]
+        starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+        full[ordered[starts]] = np.add.reduceat(rows[order], starts, axis=0)
+    return full.reshape(shape)
 
 
 def _is_basic(index: Any) -> bool:

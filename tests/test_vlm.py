@@ -58,13 +58,16 @@ def test_cached_decoding_equals_full_recomputation_at_every_step(fusion):
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fast_decoding_step_equals_the_tensor_composition(fusion, threads, monkeypatch):
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_fast_decoding_step_equals_the_tensor_composition(fusion, threads, activation, monkeypatch):
     """generate's NumPy decoding step (`_decode_step`, preallocated cache) gives the logits of
     the Tensor-op step (`_extend`, reference mode), padded prompts included; a batch split
-    over two threads too."""
+    over two threads too; the decoder's tanh GELU (the default) and the exact one."""
     from tinymm import parallel
 
     model = tiny_vlm(fusion)
+    for block in model.blocks:
+        block.mlp.activation = activation
     x = images(len(PROMPTS))
     assert model._fast_decoding()
     monkeypatch.setattr(parallel, "MIN_SIZE", 16)  # split even this tiny batch

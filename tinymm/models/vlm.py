@@ -64,6 +64,7 @@ from ..tensor import DEFAULT_DTYPE, Tensor, concatenate, default_rng, no_grad
 from .vit import ViT
 
 FUSIONS = ("lecture", "prefix", "resampler")
+MLP_ACTIVATION = "gelu_tanh"  # the decoder's GELU: the tanh approximation (GPT-2), half the cost
 KVCache = list[tuple[Tensor, Tensor]]  # per block: keys, values (N, heads, L_seen, D/heads)
 
 
@@ -260,7 +261,8 @@ class VLM(nn.Module):
             Resampler(dim, heads, num_queries, vision.grid) if fusion == "resampler" else None
         )
         self.blocks = nn.ModuleList(
-            nn.TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)
+            nn.TransformerBlock(dim, heads, mlp_ratio, activation=MLP_ACTIVATION)
+            for _ in range(depth)
         )
         self.ln_final = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)  # W_vocab

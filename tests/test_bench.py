@@ -26,7 +26,7 @@ from tinymm.bench import (
     vit_flops,
 )
 from tinymm.models.unet import UNet
-from tinymm.tensor import Tensor, manual_seed
+from tinymm.tensor import Tensor, manual_seed, tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,14 +149,22 @@ def test_torch_unet_is_the_same_model():
         np.testing.assert_allclose(grads[name].grad.numpy(), expected, rtol=1e-3, atol=1e-4)
 
 
-def test_torch_vlm_decodes_the_same_tokens():
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+def test_torch_vlm_decodes_the_same_tokens(activation):
     """The bench's torch decoder with its own KV cache writes the same greedy tokens as
-    VLM.generate, batch 1 and batch 3."""
+    VLM.generate, batch 1 and batch 3; its MLPs compute the decoder's GELU (the same tokens
+    alone would not tell a tanh GELU from the exact one)."""
     torch = pytest.importorskip("torch")
     manual_seed(0)
     vision = ViT(8, 4, 3, 16, 1, 2)
     model = VLM(vision, 50, 16, 2, 2, max_len=16, vision_ids=(1, 2))
+    for block in model.blocks:
+        block.mlp.activation = activation
     twin = torch_vlm(torch, model)
+    x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32) * 3
+    with torch.no_grad():
+        twin_mlp = twin.blocks[0].mlp(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(twin_mlp, model.blocks[0].mlp(tensor(x)).data, rtol=0, atol=1e-5)
     for batch in (1, 3):
         images = np.random.default_rng(batch).standard_normal((batch, 8, 8, 3), dtype=np.float32)
         prompts = np.random.default_rng(batch).integers(3, 50, (batch, 4))

@@ -740,13 +740,16 @@ def torch_vlm(torch: Any, model: VLM) -> Any:
     dim, heads, depth = model.dim, model.heads, len(model.blocks)
     hidden = model.blocks[0].mlp.fc1.weight.shape[1]
 
-    class MLP(tnn.Module):  # fc2(gelu(fc1(x))), exact GELU as nn.TransformerBlock's default
+    # fc2(gelu(fc1(x))) with the decoder's GELU: "gelu_tanh" (the VLM's) or the exact "gelu"
+    approximate = {"gelu_tanh": "tanh", "gelu": "none"}[model.blocks[0].mlp.activation]
+
+    class MLP(tnn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc1, self.fc2 = tnn.Linear(dim, hidden), tnn.Linear(hidden, dim)
 
         def forward(self, x: Any) -> Any:
-            return self.fc2(tF.gelu(self.fc1(x)))
+            return self.fc2(tF.gelu(self.fc1(x), approximate=approximate))
 
     class Attention(tnn.Module):
         def __init__(self) -> None:

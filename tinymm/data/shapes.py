@@ -336,10 +336,15 @@ def _background_draws(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...
     return grey, direction, strength
 
 
-def _background(
+def _background(rng: np.random.Generator, n: int, image_size: int) -> np.ndarray:
+    """Dark neutral grey with a gentle linear gradient in a random direction: (n, H, W, 1)."""
+    return _background_pixels(*_background_draws(rng, n), image_size)
+
+
+def _background_pixels(
     grey: np.ndarray, direction: np.ndarray, strength: np.ndarray, image_size: int
 ) -> np.ndarray:
-    """Dark neutral grey with a gentle linear gradient in a random direction: (n, H, W, 1)."""
+    """The backgrounds of `_background_draws`: (n, H, W, 1)."""
     u = (np.arange(image_size) + 0.5) / image_size - 0.5  # (W,) in (-0.5, 0.5)
     ramp = (
         np.cos(direction)[:, None, None] * u[None, None, :]
@@ -404,7 +409,7 @@ def make_shapes(
     for start in range(0, n, CHUNK):
         rows = slice(start, min(start + CHUNK, n))
         chunk = images[rows]  # a view: written in place
-        chunk[...] = _background(*(a[rows] for a in background), image_size)  # grey, x3
+        chunk[...] = _background_pixels(*(a[rows] for a in background), image_size)  # grey, x3
         for k in range(objects):  # (1 - alpha) * image + alpha * rgb, one object over the other
             alpha = np.stack(
                 [

@@ -104,6 +104,10 @@ class VideoData:
         return 1.0 - self.centres[..., 1]
 
 
+SOUND_CHUNK = 256  # soundtracks made at a time (8 MB float64 temporaries at 4000 samples)
+_ARRAYS = [f for f in fields(VideoData) if f.name not in ("sr", "fps")]  # per clip
+
+
 def _unit(direction: np.ndarray) -> np.ndarray:
     """(N,) compass indices -> (N, 2) unit steps (dx, dy), y down (image rows)."""
     angle = np.deg2rad(45.0 * direction)
@@ -123,13 +127,18 @@ def _soundtracks(rng: np.random.Generator, centres: np.ndarray, fps: float, sr: 
     frame_time = t * fps - 0.5  # in frames: frame k is shown at k
     y0 = centres[:, 0, 1:2]  # (N, 1)
     dy = (centres[:, -1, 1:2] - y0) / max(frames - 1, 1)  # rows per frame
-    height = 1.0 - (y0 + dy * frame_time)  # (N, S), linear in time
-    phase = 2 * np.pi * np.cumsum(pitch(height), axis=1) / sr
     loudness = rng.uniform(*LOUDNESS, size=(n, 1))
-    tone = loudness * np.sin(phase + rng.uniform(0, 2 * np.pi, size=(n, 1)))
+    offset = rng.uniform(0, 2 * np.pi, size=(n, 1))
     snr = rng.uniform(*SNR_DB, size=(n, 1))
     noise_std = loudness / np.sqrt(2) * 10.0 ** (-snr / 20)  # sine power a^2 / 2
-    return (tone + noise_std * rng.standard_normal((n, samples))).astype(np.float32)
+    out = np.empty((n, samples), dtype=np.float32)
+    for start in range(0, n, SOUND_CHUNK):  # float64 (N, S) temporaries: a chunk at a time
+        r = slice(start, start + SOUND_CHUNK)
+        height = 1.0 - (y0[r] + dy[r] * frame_time)  # (chunk, S), linear in time
+        phase = 2 * np.pi * np.cumsum(pitch(height), axis=1) / sr
+        tone = loudness[r] * np.sin(phase + offset[r])
+        out[r] = tone + noise_std[r] * rng.standard_normal(tone.shape)  # the noise: in order
+    return out
 
 
 def make_videos(
@@ -203,7 +212,9 @@ def make_videos(
                 ..., None
             ]
             clips[i, k] = background[i] + alpha * (rgb[i] - background[i])
-    clips += shapes.NOISE_STD * rng.standard_normal(clips.shape, dtype=np.float32)
+    for start in range(0, n, shapes.CHUNK):  # the noise in chunks: the same numbers, less memory
+        chunk = clips[start : start + shapes.CHUNK]
+        chunk += shapes.NOISE_STD * rng.standard_normal(chunk.shape, dtype=np.float32)
     np.clip(clips, 0, 1, out=clips)
 
     return VideoData(
@@ -227,14 +238,24 @@ def opposite(direction: np.ndarray | int) -> np.ndarray:
 def reverse(data: VideoData) -> VideoData:
     """The same clips played backwards: frames, centres and soundtracks reversed in time, the
     direction opposite. A clip's reversal is a clip the generator could have drawn."""
+    back = _played_backwards(data)
     return VideoData(
-        clips=np.ascontiguousarray(data.clips[:, ::-1]),
+        **{f.name: np.ascontiguousarray(getattr(back, f.name)) for f in _ARRAYS},
+        sr=data.sr,
+        fps=data.fps,
+    )
+
+
+def _played_backwards(data: VideoData) -> VideoData:
+    """`reverse` as views where it can (time reversed, no copy)."""
+    return VideoData(
+        clips=data.clips[:, ::-1],
         direction=opposite(data.direction),
         shape=data.shape,
         colour=data.colour,
         size=data.size,
-        centres=np.ascontiguousarray(data.centres[:, ::-1]),
-        soundtracks=np.ascontiguousarray(data.soundtracks[:, ::-1]),
+        centres=data.centres[:, ::-1],
+        soundtracks=data.soundtracks[:, ::-1],
         sr=data.sr,
         fps=data.fps,
     )
@@ -243,10 +264,8 @@ def reverse(data: VideoData) -> VideoData:
 def with_reversals(data: VideoData) -> VideoData:
     """Every clip as drawn, then every clip played backwards: 2N clips, clip i + N the reversal
     of clip i. In such a set each bag of frames comes once rising and once falling."""
-    back = reverse(data)
+    back = _played_backwards(data)  # views: concatenate copies each clip once
     arrays = {
-        f.name: np.concatenate([getattr(data, f.name), getattr(back, f.name)])
-        for f in fields(VideoData)
-        if f.name not in ("sr", "fps")
+        f.name: np.concatenate([getattr(data, f.name), getattr(back, f.name)]) for f in _ARRAYS
     }
     return VideoData(**arrays, sr=data.sr, fps=data.fps)

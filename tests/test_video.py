@@ -68,6 +68,31 @@ def test_time_reversal_flips_the_direction_and_the_label(data):
     np.testing.assert_array_equal(both.clips[len(data) :], back.clips)
 
 
+@given(
+    index=st.one_of(
+        st.integers(-12, 11),
+        st.builds(
+            slice,
+            st.none() | st.integers(-14, 14),
+            st.none() | st.integers(-14, 14),
+            st.none() | st.integers(1, 4),
+        ),
+        st.lists(st.integers(-12, 11), max_size=8).map(lambda i: np.array(i, dtype=np.int64)),
+    )
+)
+def test_reversed_clips_index_as_the_array_with_reversals_builds(index):
+    """with_reversals(copy_clips=False): clips indexed (int, slice, index array) as the copied
+    (2N, ...) array, without building it; the gathered clips are copies."""
+    data = videos.make_videos(6, 4, frames=3)
+    built = videos.with_reversals(data).clips
+    virtual = videos.with_reversals(data, copy_clips=False).clips
+    assert len(virtual) == len(built) and virtual.shape == built.shape
+    got = virtual[index]
+    np.testing.assert_array_equal(got, built[index])
+    got[...] = -1
+    np.testing.assert_array_equal(np.asarray(virtual), built)  # nothing written back
+
+
 def _swap(name: str) -> str:
     words = {"north": "south", "south": "north", "east": "west", "west": "east"}
     return "-".join(words[w] for w in name.split("-"))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -261,11 +262,48 @@ def _played_backwards(data: VideoData) -> VideoData:
     )
 
 
-def with_reversals(data: VideoData) -> VideoData:
+def with_reversals(data: VideoData, copy_clips: bool = True) -> VideoData:
     """Every clip as drawn, then every clip played backwards: 2N clips, clip i + N the reversal
-    of clip i. In such a set each bag of frames comes once rising and once falling."""
+    of clip i. In such a set each bag of frames comes once rising and once falling.
+    copy_clips=False: the clips are a `ReversedClips` over data.clips (indexed like the (2N, ...)
+    array, never built: half the memory), the other fields arrays as usual."""
     back = _played_backwards(data)  # views: concatenate copies each clip once
     arrays = {
-        f.name: np.concatenate([getattr(data, f.name), getattr(back, f.name)]) for f in _ARRAYS
+        f.name: np.concatenate([getattr(data, f.name), getattr(back, f.name)])
+        for f in _ARRAYS
+        if copy_clips or f.name != "clips"
     }
+    if not copy_clips:
+        arrays["clips"] = ReversedClips(data.clips)
     return VideoData(**arrays, sr=data.sr, fps=data.fps)
+
+
+class ReversedClips:
+    """Clips (N, T, H, W, C) and then the same clips played backwards, indexed as the (2N, T, H,
+    W, C) array with_reversals would build, without building it: an int, a slice or an index
+    array gathers the clips it names (a copy, as NumPy's advanced indexing) and reverses in time
+    those from the second half. `drawn` holds the N clips (change them there, e.g. in place)."""
+
+    def __init__(self, drawn: np.ndarray):
+        self.drawn = drawn
+
+    def __len__(self) -> int:
+        return 2 * len(self.drawn)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.drawn.shape[1:])
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        i = np.arange(len(self))[index]  # the rows of the (2N, ...) array it names
+        n = len(self.drawn)
+        clips = self.drawn[i % n]
+        if np.ndim(i) == 0:  # one clip
+            return np.ascontiguousarray(clips[::-1]) if i >= n else clips.copy()
+        back = i >= n
+        clips[back] = clips[back][:, ::-1]  # time reversed
+        return clips
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        full = self[:]
+        return full if dtype is None else full.astype(dtype)

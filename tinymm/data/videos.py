@@ -72,7 +72,8 @@ SNR_DB = (10.0, 30.0)  # sine power over noise power
 class VideoData:
     """Clips with their motion, labels and soundtracks.
 
-    clips:       (N, T, H, W, 3) float32 in [0, 1], channels-last.
+    clips:       (N, T, H, W, 3) float32 in [0, 1], channels-last (or a ReversedClips indexed
+                 as one: with_reversals(copy_clips=False)).
     direction:   (N,) int64 index into COMPASS.
     shape, colour, size: (N,) int64 indices into shapes.SHAPES, COLOURS, SIZES.
     centres:     (N, T, 2) float64, the object's centre in each frame, (x, y) as fractions of

@@ -277,9 +277,7 @@ def embedding(indices: Any, weight: Tensor) -> Tensor:
             f"embedding: indices must lie in [0, {weight.shape[0]}), got {idx.min()}..{idx.max()}"
         )
 
-    def backward(g):  # each row: the sum of g where it was looked up. np.add.at, not the
-        # faster tensor.add_rows (getitem's), which sums in another order: the text lessons'
-        # measured results were taken with this rounding
+    def backward(g):  # np.add.at, not getitem's faster add_rows: lessons measured with it
         grad = np.zeros_like(weight.data)
         np.add.at(grad, idx.reshape(-1), g.reshape(idx.size, weight.shape[1]))
         return (grad,)

@@ -692,7 +692,7 @@ class Tensor:
             axes = normal
         else:
             axes = tuple(reversed(range(self.ndim)))
-        inverse = tuple(np.argsort(axes))
+        inverse = tuple(sorted(range(len(axes)), key=axes.__getitem__))  # (np.argsort: 3 us)
         return record(
             "transpose", self.data.transpose(axes), (self,), lambda g: (g.transpose(inverse),)
         )

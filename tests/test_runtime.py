@@ -27,6 +27,17 @@ def test_blas_threads_can_be_read_and_set():
         runtime.blas_threads(before)
 
 
+def test_blas_core_names_the_kernels_openblas_was_told_to_run():
+    """What the bench reports: OPENBLAS_CORETYPE=Haswell (AVX2, which every x86-64 CPU that
+    has AVX2 runs) makes OpenBLAS report "Haswell"; None without OpenBLAS."""
+    if runtime.blas_core() is None:
+        pytest.skip("NumPy does not use OpenBLAS here")
+    if "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("no AVX2: OpenBLAS would not run its Haswell kernels here")
+    code = "from tinymm import runtime\nprint(runtime.blas_core())"
+    assert _child(code, OPENBLAS_CORETYPE="Haswell") == "Haswell"
+
+
 def _child(code: str, **env: str) -> str:
     unset = (
         runtime.OPT_OUT,

@@ -234,6 +234,8 @@ def blas_info() -> dict[str, Any]:
             info["arch"] = pool.get("architecture")
     except ImportError:
         pass
+    if not info.get("arch"):  # without threadpoolctl: ask OpenBLAS which kernels it runs
+        info["arch"] = runtime.blas_core()
     if info["threads"] is None:  # without threadpoolctl: ask OpenBLAS, or read the settings
         info["threads"] = runtime.blas_threads()
     if info["threads"] is None:
@@ -971,6 +973,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "blas": blas_info(),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "unset"),
         "tinymm_threads": parallel.threads(),
     }
 
@@ -988,8 +991,9 @@ def table(r: dict[str, float], info: dict[str, Any]) -> str:
         f"machine: {info['cpu']}, {info['cores']} cores, load average (1 min) "
         f"{info['load']:.1f} at start, {info['load_end']:.1f} at end",
         f"numpy {info['numpy']}, python {info['python']}, BLAS {blas['name']} {blas['version']} "
-        f"({blas.get('arch') or '?'}), {blas['threads']} threads, "
-        f"OPENBLAS_NUM_THREADS={info['openblas_num_threads']}; tinymm.parallel: "
+        f"({blas.get('arch') or '?'} kernels), {blas['threads']} threads, "
+        f"OPENBLAS_NUM_THREADS={info['openblas_num_threads']}, "
+        f"OPENBLAS_CORETYPE={info['openblas_coretype']}; tinymm.parallel: "
         f"{info['tinymm_threads']} threads",
     ]
     if "torch" in info:

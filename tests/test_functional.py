@@ -426,6 +426,23 @@ def test_conv2d_against_naive_loops(case):
     assert_two_readings(lambda x, w: F.conv2d(x, w, stride=stride, padding=padding), x, w)
 
 
+@given(case=conv_case(), frozen=st.sampled_from(["x", "weight"]))
+def test_conv2d_gradients_are_the_same_when_one_input_needs_none(case, frozen):
+    """The backward computes dx and dW together (on two threads) when both are needed, and
+    alone otherwise, as for a first layer's input or a frozen weight: the same gradients."""
+    x, w, b, stride, padding = case
+    grads = {}
+    for needed in ({"x", "weight"}, {"x", "weight"} - {frozen}):
+        xt = tm.tensor(x, requires_grad="x" in needed)
+        wt = tm.tensor(w, requires_grad="weight" in needed)
+        out = F.conv2d(xt, wt, tm.tensor(b), stride=stride, padding=padding)
+        (out * out).sum().backward()
+        grads[len(needed)] = {"x": xt.grad, "weight": wt.grad}
+    kept = "weight" if frozen == "x" else "x"
+    np.testing.assert_allclose(grads[1][kept], grads[2][kept], rtol=1e-12, atol=1e-12)
+    assert grads[1][frozen] is None
+
+
 @given(x=arrays((2, 3, 4, 3)), w=arrays((3, 5)), b=arrays((5,)))
 def test_conv2d_with_a_1x1_kernel_is_a_matmul(x, w, b):
     assert_same_function(

@@ -9,11 +9,12 @@ input position to copy from. That lookup is attention.
 
 1. Each token has three representations, as a query, a key and a value:
        Q = Z W^Q,   K = Z W^K,   V = Z W^V                    (nn.MultiHeadAttention: q/k/v_proj)
+   computed as one product, Z [W^Q | W^K | W^V], the three side by side.
 2. Every query is compared with every key; the scores become weights that sum to 1:
        attn(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V         (F.scaled_dot_product_attention)
    The sqrt(d_k) keeps the scores' spread independent of the head size.
-3. Several heads do this in parallel on d_k = D / heads slices; their outputs are concatenated and
-   projected back (out_proj). A pre-norm block adds an MLP: x + attn(ln(x)), x + mlp(ln(x))
+3. Several heads do this in parallel on d_k = D / heads slices; their outputs are concatenated
+   (F.multi_head_attention) and projected back (out_proj). A pre-norm block adds an MLP: x + attn(ln(x)), x + mlp(ln(x))
    (nn.TransformerBlock).
 4. The tokens carry no order by themselves (attention is permutation-equivariant), so a learned
    position embedding is added: Z = E_tok[ids] + E_pos (models.TextTransformer).
@@ -27,11 +28,13 @@ to input position n-1-i: the learned pattern is an anti-diagonal.
 And runs/01_attention/attention_graph.png (viz.draw_graph): the graph the engine records for
 one block of step 3, x = x + attn(ln1(x)); x = x + mlp(ln2(x)). Every op with the shape it
 makes, every weight with its name in the model (text.blocks.0.attn.q_proj.weight is W^Q of
-step 1). Each op node is what `tensor.grad_fn` shows (op, inputs, saved); backward walks these
-arrows the other way. attention_graph_reference.png is the same block in reference mode
-(tm.reference_mode(), what `--reference` runs everywhere): each fused node (layer_norm,
-attention, gelu, linear) opens into the composition functional.py writes, e.g. attention into
-Q K^T / sqrt(d), softmax's max, exp, sum and divide, and the product with V.
+step 1, concatenated with W^K and W^V for the one product). Each op node is what
+`tensor.grad_fn` shows (op, inputs, saved); backward walks these arrows the other way.
+attention_graph_reference.png is the same block in reference mode (tm.reference_mode(), what
+`--reference` runs everywhere): each fused node (layer_norm, multi_head_attention, gelu,
+linear) opens into the composition functional.py writes, e.g. multi_head_attention into each
+head's columns of Q, K and V, Q K^T / sqrt(d), softmax's max, exp, sum and divide, the product
+with V, and the heads put side by side.
 """
 
 import time

@@ -120,6 +120,13 @@ def test_attention_argument_errors():
             leaf(2, 4), leaf(2, 4), leaf(2, 4), mask=np.ones((2, 2), dtype=np.int64)
         )
 
+    with pytest.raises(ValueError, match=r"qkv must be \(N, L, 3 D\) with D divisible by heads=4"):
+        F.multi_head_attention(leaf(2, 5, 18), 4)  # D = 6 is not divisible by 4 heads
+    with pytest.raises(ValueError, match="heads must be a positive int, got 0"):
+        F.multi_head_attention(leaf(2, 5, 12), 0)
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 3\) does not broadcast"):
+        F.multi_head_attention(leaf(2, 5, 12), 2, mask=np.ones((3, 3), dtype=bool))
+
 
 def test_errors_come_at_construction_not_in_backward():
     """A mistake raises when the op is called: the graph is never half-built with a bad node."""

@@ -2,8 +2,9 @@
 
 Each function: forward against a plain NumPy/SciPy reference, backward against finite differences
 (float64), float32 kept. The fused ones (softmax, log_softmax, logsumexp, cross_entropy, layer_norm,
-group_norm, gelu, attention, linear) are also checked against their *unfused* composition of
-Tensor ops, written out below, in values and in gradients. Then the invariants that matter.
+group_norm, gelu, attention, multi-head attention, linear) are also checked against their *unfused*
+composition of Tensor ops, written out below, in values and in gradients. Then the invariants that
+matter.
 """
 
 from __future__ import annotations
@@ -610,7 +611,7 @@ def test_causal_attention_never_reads_the_future(qkv, t, change):
     q, k, v = (tm.tensor(a, requires_grad=True) for a in qkv)
     out = F.scaled_dot_product_attention(q, k, v, causal=True)
     later = qkv.copy()
-    later[:, :, t + 1 :] += change[:, :, None] + 1.0
+    later[:, :, t + 1 :] += np.abs(change[:, :, None]) + 1.0  # never zero (-1 + 1 was)
     out2 = F.scaled_dot_product_attention(*map(tm.tensor, later), causal=True)
     np.testing.assert_allclose(out2.data[:, : t + 1], out.data[:, : t + 1], rtol=1e-12)
     assert not np.allclose(out2.data[:, t + 1 :], out.data[:, t + 1 :])  # the change is visible
@@ -632,6 +633,56 @@ def test_attention_mask_broadcasts_over_batch_and_heads():
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask=tm.tensor(mask)),
         [tm.tensor(a, requires_grad=True) for a in (q, k, v)],
     )
+
+
+def numpy_multi_head_attention(qkv, heads, allowed=None):
+    """Per head h: attention over columns h d..(h+1) d of Q, K and V; heads side by side."""
+    q, k, v = np.split(qkv, 3, axis=-1)
+    d = q.shape[-1] // heads
+    return np.concatenate(
+        [numpy_attention(*(z[..., h * d : (h + 1) * d] for z in (q, k, v)), allowed)
+         for h in range(heads)],
+        axis=-1,
+    )  # fmt: skip
+
+
+@given(
+    sizes=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
+    kind=st.sampled_from(["none", "causal", "padding"]),
+    data=st.data(),
+)
+def test_multi_head_attention_is_each_head_on_its_own_columns(sizes, kind, data):
+    """The packed self-attention (one qkv, heads split and merged inside) against attention per
+    head in NumPy; the fused kernel against its composition, values and gradients."""
+    n, length, heads, d = sizes
+    qkv = data.draw(arrays((n, length, 3 * heads * d)))
+    mask = causal = None
+    allowed = None
+    if kind == "causal":
+        causal, allowed = True, np.tril(np.ones((length, length), dtype=bool))
+    elif kind == "padding":  # (N, 1, 1, L): some keys of each sequence are padding
+        real = data.draw(hnp.arrays(np.bool_, (n, length)))
+        real[:, 0] = True
+        mask = real[:, None, None, :]
+        allowed = real[:, None, :]  # (N, 1, L_k) for the per-head reference
+
+    def fn(x):
+        return F.multi_head_attention(x, heads, mask=mask, causal=bool(causal))
+
+    check_op(fn, lambda x: numpy_multi_head_attention(x, heads, allowed), qkv)
+    assert_two_readings(fn, qkv)
+
+
+def test_multi_head_attention_returns_each_heads_weights():
+    rng = np.random.default_rng(0)
+    qkv = tm.tensor(rng.standard_normal((2, 5, 3 * 6)))
+    out, weights = F.multi_head_attention(qkv, 3, causal=True, return_weights=True)
+    with tm.reference_mode():
+        ref_out, ref_weights = F.multi_head_attention(qkv, 3, causal=True, return_weights=True)
+    assert weights.shape == (2, 3, 5, 5) and not weights.requires_grad
+    np.testing.assert_allclose(weights.data, ref_weights.data, rtol=1e-12)
+    np.testing.assert_allclose(out.data, ref_out.data, rtol=1e-12)
+    np.testing.assert_allclose(weights.data.sum(-1), 1.0)
 
 
 def test_attention_query_with_nothing_to_attend_gets_uniform_weights_not_nan():

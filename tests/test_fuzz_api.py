@@ -674,6 +674,26 @@ def attention_call(draw):
 
 
 @st.composite
+def multi_head_attention_call(draw):
+    n, length, heads, d = (draw(st.integers(1, 3)) for _ in range(4))
+    qkv = draw(arrays(st.just((n, length, 3 * heads * d)) | shapes(max_dims=4, min_side=1)))
+    mask = draw(
+        st.none()
+        | hnp.arrays(
+            st.sampled_from([bool, np.float32]),
+            st.just((length, length)) | shapes(max_dims=4, min_side=1),
+        )
+    )
+    heads = draw(st.just(heads) | st.sampled_from([0, -1, 2.0, True, 5]))
+    return Call(
+        F.multi_head_attention,
+        (qkv, heads),
+        {"mask": mask, "causal": draw(st.booleans())},
+        expected="reference",
+    )
+
+
+@st.composite
 def clip_loss_call(draw):
     a = draw(arrays(shapes(min_dims=1, max_dims=3, min_side=1)))
     b = draw(arrays(st.just(a.shape) | shapes(min_dims=1, max_dims=3, min_side=1)))
@@ -785,6 +805,7 @@ FUZZ: dict[str, st.SearchStrategy] = {
     "functional.patchify": patchify_call(),
     "functional.unpatchify": unpatchify_call(),
     "functional.scaled_dot_product_attention": attention_call(),
+    "functional.multi_head_attention": multi_head_attention_call(),
     "functional.clip_loss": clip_loss_call(),
     # tinymm.nn
     "nn.Linear": layer_call(nn.Linear, st.tuples(_dim(), _dim()), lambda a: st.just((2, a[0]))),

@@ -217,8 +217,8 @@ def test_block_layout_labels_parameters_with_their_names_and_ops_with_shapes():
     assert labels["x (tokens)"].kind == "input"
     assert layout.nodes[0].label.startswith("loss = ")
     ops = {n.label.split("\n")[0] for n in layout.nodes if n.kind == "op"}
-    assert {"attention", "layer_norm", "linear", "gelu", "add"} <= ops
-    assert any(n.kind == "op" and "(2, 5, 4, 8) float32" in n.label for n in layout.nodes)
+    assert {"multi_head_attention", "concatenate", "layer_norm", "linear", "gelu", "add"} <= ops
+    assert any(n.kind == "op" and "(2, 5, 96) float32" in n.label for n in layout.nodes)  # qkv
 
 
 def test_draw_graph_saves_a_png_and_shows_gradient_shapes_after_a_retained_backward(tmp_path):

@@ -41,6 +41,7 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "mse_loss",
+    "multi_head_attention",
     "patchify",
     "relu",
     "scaled_dot_product_attention",
@@ -553,6 +554,43 @@ def scaled_dot_product_attention(
     weights = softmax(scores, axis=-1)  # P: each query's weights over the keys sum to 1
     out = weights @ v  # (..., L_q, L_k) @ (..., L_k, d_v)
     return (out, weights.detach()) if return_weights else out
+
+
+def multi_head_attention(
+    qkv: Tensor, heads: int, mask: Any = None, causal: bool = False, return_weights: bool = False
+) -> Any:
+    """Multi-head self-attention on the packed projections qkv = [X W^Q | X W^K | X W^V]
+    (N, L, 3D) -> (N, L, D), before the output projection W^O:
+
+        head_h = attn(Q_h, K_h, V_h),   Q_h = columns h d..(h+1) d of Q  (d = D / heads)
+        out = [head_1 | ... | head_heads]
+
+    Each head reads its own d columns of Q, K and V. mask, causal and return_weights as in
+    scaled_dot_product_attention, over (N, heads, L, L)."""
+    qkv = _t(qkv)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        raise ValueError(f"multi_head_attention: heads must be a positive int, got {heads!r}")
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(
+            f"multi_head_attention: qkv must be (N, L, 3 D) with D divisible by heads={heads}, "
+            f"got shape {qkv.shape}"
+        )
+    n, length, width = qkv.shape
+    if _fused():
+        allowed = _attention_mask(mask, causal, length, length, (n, heads))
+        out, weights_seq = kernels.multi_head_attention(qkv, heads, allowed)
+        if return_weights:  # P^T per sequence (N, heads, L_k, L_q) -> P (N, heads, L_q, L_k)
+            return out, Tensor(np.ascontiguousarray(np.swapaxes(weights_seq, -1, -2)))
+        return out
+    dim = width // 3
+    q, k, v = (  # (N, L, D) each -> (N, heads, L, d)
+        qkv[:, :, i * dim : (i + 1) * dim].reshape(n, length, heads, -1).transpose(0, 2, 1, 3)
+        for i in range(3)
+    )
+    out = scaled_dot_product_attention(q, k, v, mask, causal, return_weights)
+    out, weights = out if return_weights else (out, None)
+    out = out.transpose(0, 2, 1, 3).reshape(n, length, dim)  # the heads side by side
+    return (out, weights) if return_weights else out
 
 
 def _attention_mask(mask: Any, causal: bool, lq: int, lk: int, batch: tuple) -> np.ndarray | None:

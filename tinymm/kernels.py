@@ -522,7 +522,40 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: np.ndarray | None) -> tu
     numbers per query. `_per_sequence` views the same memory as (..., L_k, L_q) for the matmuls.
     Returns (out, P^T per sequence) so that functional can hand P to figures.
     """
-    qd, kd, vd = q.data, k.data, v.data
+    out, weights_seq, backward = _attention(q.data, k.data, v.data, allowed)
+    return record("attention", out, (q, k, v), backward, saved=(q, k, v)), weights_seq
+
+
+def multi_head_attention(qkv: Tensor, heads: int, allowed: np.ndarray | None) -> tuple[Tensor, Any]:
+    """Self-attention of every head on packed projections: qkv (N, L, 3D) = [Q | K | V] ->
+    (N, L, D), head h on columns h d..(h+1) d of each of Q, K, V (d = D / heads), the heads'
+    outputs side by side. `attention` above on views, nothing copied to split or merge heads:
+
+    - head h of Q is read where it lies in qkv (its rows 3D numbers apart, which BLAS takes);
+    - P V is written straight into (N, L, heads, d), which is (N, L, D) with the heads merged;
+    - the backward writes dQ, dK, dV into one (N, L, 3, heads, d) gradient: one array back to
+      the one product that made qkv (three projections would each get one, to be summed).
+    Returns (out, P^T per sequence) as `attention`."""
+    n, length, width = qkv.shape
+    parts = qkv.data.reshape(n, length, 3, heads, width // 3 // heads)  # (N, L, [q k v], h, d)
+    q, k, v = (parts[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (N, heads, L, d) views
+    merged = np.empty((n, length, *parts.shape[3:]), parts.dtype)  # (N, L, heads, d)
+    _, weights_seq, backward_heads = _attention(q, k, v, allowed, out=merged.transpose(0, 2, 1, 3))
+
+    def backward(g):  # g (N, L, D) -> dqkv (N, L, 3D)
+        grad = np.empty(parts.shape, parts.dtype)
+        g_heads = g.reshape(merged.shape).transpose(0, 2, 1, 3)  # (N, heads, L, d)
+        backward_heads(g_heads, into=[grad[:, :, i].transpose(0, 2, 1, 3) for i in range(3)])
+        return (grad.reshape(qkv.shape),)
+
+    out = merged.reshape(n, length, width // 3)
+    return record("multi_head_attention", out, (qkv,), backward, saved=(qkv,)), weights_seq
+
+
+def _attention(qd, kd, vd, allowed, out=None) -> tuple[np.ndarray, np.ndarray, Any]:
+    """`attention` on arrays: (P V, P^T per sequence, backward), P V written into `out` if given.
+    backward(g, into=(None, None, None)) returns (dQ, dK, dV), each written into its array of
+    `into` where one is given."""
     lq, lk = qd.shape[-2], kd.shape[-2]
     batch = np.broadcast_shapes(qd.shape[:-2], kd.shape[:-2], vd.shape[:-2])
     dtype = np.result_type(qd, kd, vd)
@@ -552,10 +585,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: np.ndarray | None) -> tu
 
     parallel.rows(softmax_over_keys, weights_t.T)
     weights_seq = per_sequence(weights_t)  # P^T per sequence (..., L_k, L_q)
-    out = parallel.matmul(np.swapaxes(weights_seq, -1, -2), vd)  # P V
+    out = parallel.matmul(np.swapaxes(weights_seq, -1, -2), vd, out=out)  # P V
 
-    def backward(g):
-        gv = parallel.matmul(weights_seq, g)  # dV = P^T g
+    def backward(g, into=(None, None, None)):
+        gv = parallel.matmul(weights_seq, g, out=into[2])  # dV = P^T g
         g_weights_t = np.empty_like(weights_t)  # dP^T = V g^T, keys first as P^T
         parallel.matmul(vd, np.swapaxes(g, -1, -2), out=per_sequence(g_weights_t))
         g_scores_t = np.empty_like(weights_t)  # dS^T
@@ -570,8 +603,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: np.ndarray | None) -> tu
         if nothing_allowed is not None:  # their uniform weights do not depend on Q or K
             g_scores_t[:, nothing_allowed] = 0
         g_scores_seq = per_sequence(g_scores_t)  # dS^T per sequence (..., L_k, L_q)
-        gq = parallel.matmul(np.swapaxes(g_scores_seq, -1, -2), k_scaled)  # dQ = dS K / sqrt d
-        gk = parallel.matmul(g_scores_seq, q_scaled)  # dK = dS^T Q / sqrt(d)
+        g_scores = np.swapaxes(g_scores_seq, -1, -2)  # dS per sequence (..., L_q, L_k)
+        gq = parallel.matmul(g_scores, k_scaled, out=into[0])  # dQ = dS K / sqrt(d)
+        gk = parallel.matmul(g_scores_seq, q_scaled, out=into[1])  # dK = dS^T Q / sqrt(d)
         return gq, gk, gv
 
-    return record("attention", out, (q, k, v), backward, saved=(q, k, v)), weights_seq
+    return out, weights_seq, backward

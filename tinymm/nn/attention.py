@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import functional as F
-from ..tensor import Tensor
+from ..tensor import Tensor, concatenate
 from .layers import MLP, Dropout, LayerNorm, Linear, check_sizes
 from .module import Module
 
@@ -30,6 +30,10 @@ class MultiHeadAttention(Module):
 
     context_dim: the width of a cross-attention context when it differs from dim (e.g. text
     tokens of width 64 read by image features of width 128); k_proj and v_proj map it to dim.
+
+    Self-attention takes Q, K and V from one product, X [W^Q | W^K | W^V], and hands the heads
+    to F.multi_head_attention (PyTorch packs them the same way, in in_proj_weight); the three
+    projections stay separate parameters (q_proj, k_proj, v_proj), as cross-attention uses them.
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = True, context_dim: int | None = None):
@@ -71,16 +75,31 @@ class MultiHeadAttention(Module):
                     f"MultiHeadAttention(dim={self.dim}, context_dim={self.context_dim}): "
                     f"{name} must be (N, L, {width}), got shape {shape}"
                 )
-        q = self._split(self.q_proj(x))
-        k = self._split(self.k_proj(source))
-        v = self._split(self.v_proj(source))
-        out = F.scaled_dot_product_attention(
-            q, k, v, mask=mask, causal=causal, return_weights=return_weights
-        )
-        out, weights = out if return_weights else (out, None)
-        n, _, length, _ = out.shape  # (N, heads, L, D/heads) -> (N, L, D)
-        out = self.out_proj(out.transpose(0, 2, 1, 3).reshape(n, length, self.dim))
+        if context is None:  # self-attention: Q, K, V from one product X [W^Q | W^K | W^V]
+            qkv = F.linear(x, *self._packed_projections())
+            out = F.multi_head_attention(qkv, self.heads, mask, causal, return_weights)
+            out, weights = out if return_weights else (out, None)
+        else:
+            q = self._split(self.q_proj(x))
+            k = self._split(self.k_proj(source))
+            v = self._split(self.v_proj(source))
+            out = F.scaled_dot_product_attention(
+                q, k, v, mask=mask, causal=causal, return_weights=return_weights
+            )
+            out, weights = out if return_weights else (out, None)
+            n, _, length, _ = out.shape  # (N, heads, L, D/heads) -> (N, L, D)
+            out = out.transpose(0, 2, 1, 3).reshape(n, length, self.dim)
+        out = self.out_proj(out)
         return (out, weights) if return_weights else out
+
+    def _packed_projections(self) -> tuple[Tensor, Tensor | None]:
+        """[W^Q | W^K | W^V] (dim, 3 dim) and the three biases side by side: the same three
+        projections as one product (one GEMM for the three, and one gradient back to x)."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        weight = concatenate([layer.weight for layer in layers], axis=1)
+        if self.q_proj.bias is None:
+            return weight, None
+        return weight, concatenate([layer.bias for layer in layers], axis=0)
 
     def extra_repr(self) -> str:
         extra = f", context_dim={self.context_dim}" if self.context_dim != self.dim else ""

@@ -14,8 +14,8 @@ input position to copy from. That lookup is attention.
        attn(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V         (F.scaled_dot_product_attention)
    The sqrt(d_k) keeps the scores' spread independent of the head size.
 3. Several heads do this in parallel on d_k = D / heads slices; their outputs are concatenated
-   (F.multi_head_attention) and projected back (out_proj). A pre-norm block adds an MLP: x + attn(ln(x)), x + mlp(ln(x))
-   (nn.TransformerBlock).
+   (F.multi_head_attention) and projected back (out_proj). A pre-norm block adds an MLP:
+   x + attn(ln(x)), x + mlp(ln(x))                                         (nn.TransformerBlock)
 4. The tokens carry no order by themselves (attention is permutation-equivariant), so a learned
    position embedding is added: Z = E_tok[ids] + E_pos (models.TextTransformer).
 5. Causal mask: position i may only attend to positions <= i, so the model can be trained on all

@@ -296,6 +296,7 @@ history = fit(
     lr=lambda step: optim.cosine_schedule(step, STEPS, STEPS // 20, LR, LR / 20),
     clip=1.0,
     log_every=max(STEPS // 20, 1),
+    generators=(noise_rng,),  # in the checkpoint: a resumed run draws the same noise
 )
 model.eval()
 t_phase = phase("u-net", t_phase)

@@ -71,6 +71,31 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+def _noisy_run(steps, ckpt, resume, generators=True):
+    """A loss that draws from a generator of its own (as diffusion draws its noise)."""
+    model, noise = _model(), np.random.default_rng(7)
+
+    def loss(model, x, y):
+        return F.cross_entropy(model(x + noise.standard_normal(x.shape).astype(x.dtype)), y)
+
+    opt = optim.AdamW(model.parameters(), lr=0.05)
+    fit(model, opt, loss, _problem(), steps=steps, batch_size=32, seed=3, checkpoint=ckpt,
+        checkpoint_every=12, resume=resume, log=lambda s: None,
+        generators=(noise,) if generators else ())  # fmt: skip
+    return model
+
+
+def test_resume_restores_the_generators_the_loss_draws_from(tmp_path):
+    full = _noisy_run(40, tmp_path / "full.npz", resume=False)
+    ckpt = tmp_path / "ckpt.npz"
+    _noisy_run(24, ckpt, resume=False)  # "crashes" after step 24
+    resumed = _noisy_run(40, ckpt, resume=True)  # a new generator, seeded as at the start
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    with pytest.raises(ValueError, match="states of 1 generators, but generators= gives 0"):
+        _noisy_run(40, ckpt, resume=True, generators=False)
+
+
 def test_after_step_runs_after_each_optimizer_step():
     model = _model()
     seen = []

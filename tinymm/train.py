@@ -146,6 +146,7 @@ def fit(
     resume: bool = False,
     log: Callable[[str], None] = print,
     after_step: Callable[[int], None] | None = None,
+    generators: Sequence[np.random.Generator] = (),
 ) -> History:
     """Train `model` for `steps` optimizer steps on mini-batches of `data` (aligned arrays).
 
@@ -153,7 +154,9 @@ def fit(
     lr(step) sets the learning rate of every parameter group before each step.
     evaluate() is called every eval_every steps and at the end; its dict goes in the history.
     With `checkpoint`, the model, optimizer, step and random state are saved every
-    checkpoint_every steps; resume=True continues from that file if it exists.
+    checkpoint_every steps; resume=True continues from that file if it exists. `generators`:
+    NumPy generators of the loss's own (e.g. diffusion's noise), saved and restored with
+    tinymm's, so that a resumed run draws the numbers the uninterrupted run would have.
     after_step(done) runs right after each optimizer step (done = steps taken so far), e.g. to
     clamp a parameter into its range or to record it.
     """
@@ -161,7 +164,7 @@ def fit(
     history = History()
     start_step = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        start_step = _load_checkpoint(checkpoint, model, optimizer)
+        start_step = _load_checkpoint(checkpoint, model, optimizer, generators)
         log(f"resumed from {checkpoint} at step {start_step}")
     n = len(data[0])
     t0 = time.perf_counter()
@@ -211,7 +214,7 @@ def fit(
             and checkpoint_every
             and (done % checkpoint_every == 0 or done == steps)
         ):
-            _save_checkpoint(checkpoint, model, optimizer, done)
+            _save_checkpoint(checkpoint, model, optimizer, done, generators)
         if done % log_every == 0 or done == steps:
             now = time.perf_counter()
             rate = window_steps / max(now - window_t, 1e-9)
@@ -247,17 +250,32 @@ def _record_eval(history: History, evaluate: Callable, model: Module, step: int)
     model.train()
 
 
-def _save_checkpoint(path: str | Path, model: Module, optimizer: Any, step: int) -> None:
+def _save_checkpoint(
+    path: str | Path, model: Module, optimizer: Any, step: int, generators: Sequence[Any]
+) -> None:
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update({f"optim.{k}": v for k, v in optimizer.state_dict().items()})
     state["train.step"] = np.array(step)
     state["train.rng"] = np.array(json.dumps(default_rng().bit_generator.state))
+    if generators:
+        states = [g.bit_generator.state for g in generators]
+        state["train.generators"] = np.array(json.dumps(states))
     io.save(state, path)
 
 
-def _load_checkpoint(path: str | Path, model: Module, optimizer: Any) -> int:
+def _load_checkpoint(
+    path: str | Path, model: Module, optimizer: Any, generators: Sequence[Any]
+) -> int:
     state = io.load(path)
+    saved = json.loads(str(state["train.generators"])) if "train.generators" in state else []
+    if len(saved) != len(generators):
+        raise ValueError(
+            f"fit: the checkpoint {path} holds the states of {len(saved)} generators, but "
+            f"generators= gives {len(generators)}: resume with the generators it was saved with"
+        )
     model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     optimizer.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("optim.")})
     default_rng().bit_generator.state = json.loads(str(state["train.rng"]))
+    for generator, generator_state in zip(generators, saved, strict=True):
+        generator.bit_generator.state = generator_state
     return int(state["train.step"])

@@ -78,12 +78,12 @@ What to look at (runs/07_video/):
   loss_*.png         training curves: video (task A), frame_bag, contrastive, av (task B)
 
 What the numbers show (default runs, seeds 0, 1, 2; 800 held-out clips, 1600 held-out pairs):
-the tubelet transformer gets 1.000, 1.000, 0.998 of the clips right; with each clip's frames
-shuffled it falls to 0.49, 0.50, 0.52, chance: it reads the order, not the frames. The frame
+the tubelet transformer gets 0.999, 1.000, 0.999 of the clips right; with each clip's frames
+shuffled it falls to 0.51, 0.51, 0.51, chance: it reads the order, not the frames. The frame
 bag trains to a loss of ln 2 and scores 0.500 exactly, on every seed: on each clip and its
-reversal it gives the same answer. Matching soundtracks to clips: 0.94, 0.92, 0.92. The
+reversal it gives the same answer. Matching soundtracks to clips: 0.93, 0.93, 0.94. The
 clip's own soundtrack played backwards is refused 1.00 of the time (the pitch moves against
-the object); another clip's soundtrack 0.75 - 0.82 of the time: a clip moving the same way at
+the object); another clip's soundtrack 0.80 - 0.84 of the time: a clip moving the same way at
 a similar height sounds almost the same, and these are the negatives the model still misses.
 """
 

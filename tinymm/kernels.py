@@ -44,9 +44,9 @@ def _sum(a: np.ndarray, axis: Any) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _ones(n: int, dtype: np.dtype) -> np.ndarray:
-    """A read-only ones vector, made once per length and dtype."""
-    ones = np.ones(n, dtype)
+def _ones(n: int, dtype: np.dtype, value: float = 1.0) -> np.ndarray:
+    """A read-only vector of n ones (or of n `value`s: 1/n makes a @ it a mean), made once."""
+    ones = np.full(n, value, dtype)
     ones.flags.writeable = False
     return ones
 

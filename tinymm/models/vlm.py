@@ -49,7 +49,6 @@ logits (N, L, vocab).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -59,7 +58,7 @@ from scipy.special import erf
 
 from .. import functional as F
 from .. import nn, parallel
-from ..kernels import _normal_cdf_and_density
+from ..kernels import _normal_cdf_and_density, _ones
 from ..modes import is_reference_mode
 from ..tensor import DEFAULT_DTYPE, Tensor, concatenate, default_rng, no_grad
 from .vit import ViT
@@ -155,21 +154,12 @@ def _standardise(x: np.ndarray, eps: float) -> np.ndarray:
     its scale and shift (folded into the product after it). The means are products with a
     vector of 1/D (faster than np.mean over short rows); seven NumPy calls, as few as the
     decoding step of a single sequence can afford (each costs ~1 us there)."""
-    average = _vector(x.shape[-1], 1 / x.shape[-1], x.dtype)
+    average = _ones(x.shape[-1], x.dtype, 1 / x.shape[-1])
     centred = x - (x @ average)[:, None]
     var = (centred * centred) @ average
     var += eps
     centred /= np.sqrt(var, out=var)[:, None]
     return centred
-
-
-@functools.lru_cache(maxsize=256)
-def _vector(n: int, value: float, dtype: np.dtype) -> np.ndarray:
-    """A read-only vector of n values `value`: x @ it sums (1) or averages (1/n) x's rows,
-    faster than np.sum over short rows."""
-    vector = np.full(n, value, dtype)
-    vector.flags.writeable = False
-    return vector
 
 
 def _bias(layer: nn.Linear) -> np.ndarray:
@@ -450,7 +440,7 @@ class VLM(nn.Module):
                 np.copyto(scores, lowest, where=blocked)
             scores -= scores.max(axis=-1, keepdims=True)  # softmax over the keys
             weights = np.exp(scores, out=scores)
-            weights /= (weights @ _vector(t + 1, 1.0, x.dtype))[..., None]
+            weights /= (weights @ _ones(t + 1, x.dtype))[..., None]
             out = np.matmul(weights[:, :, None, :], values[:, :, : t + 1])  # (N, heads, 1, d)
             out = out.reshape(n, -1) @ w_o
             out += b_o

@@ -557,19 +557,23 @@ def _attention(qd, kd, vd, allowed, out=None) -> tuple[np.ndarray, np.ndarray, A
     backward(g, into=(None, None, None)) returns (dQ, dK, dV), each written into its array of
     `into` where one is given."""
     lq, lk = qd.shape[-2], kd.shape[-2]
-    batch = np.broadcast_shapes(qd.shape[:-2], kd.shape[:-2], vd.shape[:-2])
+    batch = qd.shape[:-2]  # (np.broadcast_shapes costs ~5 us: a decoding step counts them)
+    if not batch == kd.shape[:-2] == vd.shape[:-2]:
+        batch = np.broadcast_shapes(qd.shape[:-2], kd.shape[:-2], vd.shape[:-2])
     dtype = np.result_type(qd, kd, vd)
     q_scaled = qd * (1.0 / math.sqrt(qd.shape[-1]))  # Q / sqrt(d)
     k_scaled = kd * (1.0 / math.sqrt(qd.shape[-1]))  # K / sqrt(d), for dQ
+    keys_axis = (*range(1, len(batch) + 1), 0, len(batch) + 1)  # as np.moveaxis(0 -> -2)
 
     def per_sequence(keys_first: np.ndarray) -> np.ndarray:  # (L_k, B L_q) -> (..., L_k, L_q)
-        return np.moveaxis(keys_first.reshape(lk, *batch, lq), 0, -2)
+        return keys_first.reshape(lk, *batch, lq).transpose(keys_axis)
 
-    scores_t = np.empty((lk, int(np.prod(batch)) * lq), dtype)  # S^T, keys first
+    scores_t = np.empty((lk, math.prod(batch) * lq), dtype)  # S^T, keys first
     parallel.matmul(kd, np.swapaxes(q_scaled, -1, -2), out=per_sequence(scores_t))  # K Q^T/sqrt d
     nothing_allowed = None  # the queries (columns) that may attend to no key at all
     if allowed is not None:  # (..., L_q, L_k) -> keys first, as scores_t
-        blocked = np.moveaxis(np.broadcast_to(~allowed, (*batch, lq, lk)), -1, 0)
+        keys_first = (len(batch) + 1, *range(len(batch) + 1))  # as np.moveaxis(-1 -> 0)
+        blocked = np.broadcast_to(~allowed, (*batch, lq, lk)).transpose(keys_first)
         blocked = blocked.reshape(scores_t.shape)
         np.copyto(scores_t, np.finfo(dtype).min, where=blocked)
         nothing_allowed = blocked.all(axis=0)

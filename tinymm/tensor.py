@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -977,7 +978,7 @@ def concatenate(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     shapes = [t.shape for t in tensors]
     with _refused("concatenate", f"tensors of shapes {shapes} along axis={axis!r}"):
         out = np.concatenate([t.data for t in tensors], axis=axis)
-    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+    bounds = list(itertools.accumulate(t.shape[axis] for t in tensors))[:-1]
     return record("concatenate", out, tensors, lambda g: np.split(g, bounds, axis=axis))
 
 

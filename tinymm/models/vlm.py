@@ -49,6 +49,7 @@ logits (N, L, vocab).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -149,13 +150,21 @@ def _gelu(x: np.ndarray, mlp: nn.MLP) -> np.ndarray:
     return u
 
 
+@functools.lru_cache(maxsize=16)
+def _centring(d: int, dtype: np.dtype) -> np.ndarray:
+    """C = I - 11^T / d, read-only: x C = x - mean(x) for each row x, in one product."""
+    c = np.eye(d, dtype=dtype) - np.asarray(1 / d, dtype)
+    c.flags.writeable = False
+    return c
+
+
 def _standardise(x: np.ndarray, eps: float) -> np.ndarray:
     """xhat = (x - mean) / sqrt(var + eps) over the last axis of x (N, D): a layer norm before
     its scale and shift (folded into the product after it). The means are products with a
     vector of 1/D (faster than np.mean over short rows); seven NumPy calls, as few as the
     decoding step of a single sequence can afford (each costs ~1 us there)."""
     average = _ones(x.shape[-1], x.dtype, 1 / x.shape[-1])
-    centred = x - (x @ average)[:, None]
+    centred = x @ _centring(x.shape[-1], x.dtype)
     var = (centred * centred) @ average
     var += eps
     centred /= np.sqrt(var, out=var)[:, None]
@@ -399,7 +408,12 @@ class VLM(nn.Module):
         return x, grown
 
     def _decode_step(
-        self, x: np.ndarray, cache: list[tuple[np.ndarray, np.ndarray]], valid: np.ndarray, folded
+        self,
+        x: np.ndarray,
+        cache: list[tuple[np.ndarray, np.ndarray]],
+        t: int,
+        blocked: np.ndarray | None,
+        folded,
     ) -> np.ndarray:
         """`_extend` for one new token per sequence, on NumPy arrays: the fast reading of the
         decoding step (reference mode runs `_extend`; the tests check that both agree).
@@ -407,7 +421,8 @@ class VLM(nn.Module):
         x (N, D): the new tokens' input states. cache: per block, keys and values allocated
         once for the whole generation, (N, heads, L_max, d), filled below position t, where
         this token's k and v are written (no copy of the cache per token, as concatenate
-        makes). valid (N, t + 1) marks the real keys. folded: `_folded_weights()`.
+        makes). blocked (N, 1, L_max): the padded keys (None: none is). folded:
+        `_folded_weights()`.
         Returns the new states (N, D). Per block, as _extend with T = 1 (a lone query: nothing
         later to hide):
             h = LN1(x);  q, k, v = h W^Q, h W^K, h W^V;  p = softmax(q K^T / sqrt(d)) over the
@@ -418,15 +433,19 @@ class VLM(nn.Module):
         (tinymm.parallel), each running the whole step on its share."""
         out = np.empty_like(x)
 
-        def sequences(r):  # the step for the sequences r
-            out[r] = self._decode_rows(x[r], [(k[r], v[r]) for k, v in cache], valid[r], folded)
+        def sequences(r):  # the step for the sequences r (all of them: r = ...)
+            if r is ...:
+                out[...] = self._decode_rows(x, cache, t, blocked, folded)
+                return
+            part = [(k[r], v[r]) for k, v in cache]
+            out[r] = self._decode_rows(x[r], part, t, None if blocked is None else blocked[r], folded)
 
         parallel.rows(sequences, cache[0][0])  # split by the size of the cache it reads
         return out
 
-    def _decode_rows(self, x, cache, valid, folded) -> np.ndarray:
-        n, heads, t = x.shape[0], self.heads, valid.shape[1] - 1
-        blocked = None if valid.all() else ~valid[:, None, :]  # (N, 1, t + 1): padded keys
+    def _decode_rows(self, x, cache, t, blocked, folded) -> np.ndarray:
+        n, heads = x.shape[0], self.heads
+        blocked = None if blocked is None else blocked[..., : t + 1]  # (N, 1, t + 1)
         lowest = np.finfo(x.dtype).min
         for block, (keys, values), (w_qkv, b_qkv, w_o, b_o, w_1, b_1, w_2, b_2) in zip(
             self.blocks, cache, folded, strict=True
@@ -567,28 +586,33 @@ class VLM(nn.Module):
                     cache = [(_room(k.data, max_new_tokens), _room(v.data, max_new_tokens))
                              for k, v in cache]  # fmt: skip
                     folded, (w_head, b_head) = self._folded_weights()
+                    seen = valid.shape[1]  # keys in the cache; every new one is real:
+                    blocked = None  # the prompts' padding, (N, 1, L_max), if there is any
+                    if not valid.all():
+                        blocked = np.pad(~valid, ((0, 0), (0, max_new_tokens)))[:, None]
             else:
                 logits = self.decode(z_img, ids, mask)[:, -1]
             logits = logits.data
             position = mask.sum(axis=1)  # real text tokens so far: the next token's position
             for step in range(max_new_tokens):
-                scores = logits.astype(np.float64)
-                chosen_from.append(scores)
+                scores = logits.astype(np.float64) if return_logits or temperature else logits
+                chosen_from.append(scores)  # (argmax is the same on float32 logits)
                 token = self._pick(scores, temperature, top_k, rng)
                 if eos_id is not None:
                     token = np.where(done, pad_id, token)
                     done |= token == eos_id
                 out.append(token)
-                if step == max_new_tokens - 1 or done.all():
+                if step == max_new_tokens - 1 or (eos_id is not None and done.all()):
                     break
-                if use_cache:
+                if use_cache and not fast:
                     valid = np.concatenate([valid, np.ones((n, 1), dtype=bool)], axis=1)
                 else:
                     ids = np.concatenate([ids, token[:, None]], axis=1)
                     mask = np.concatenate([mask, np.ones((n, 1), dtype=bool)], axis=1)
                 if fast:
                     x = self.token_embedding.weight.data[token] + self.pos_embedding.data[position]
-                    x = self._decode_step(x.astype(z_img.dtype, copy=False), cache, valid, folded)
+                    x = x.astype(z_img.dtype, copy=False)
+                    x = self._decode_step(x, cache, seen + step, blocked, folded)
                     logits = parallel.matmul(_standardise(x, self.ln_final.eps), w_head, b_head)
                 elif use_cache:
                     x = self.token_embedding(token[:, None]) + self.pos_embedding[position[:, None]]

@@ -160,9 +160,10 @@ def _centring(d: int, dtype: np.dtype) -> np.ndarray:
 
 def _standardise(x: np.ndarray, eps: float) -> np.ndarray:
     """xhat = (x - mean) / sqrt(var + eps) over the last axis of x (N, D): a layer norm before
-    its scale and shift (folded into the product after it). The means are products with a
-    vector of 1/D (faster than np.mean over short rows); seven NumPy calls, as few as the
-    decoding step of a single sequence can afford (each costs ~1 us there)."""
+    its scale and shift (folded into the product after it). Centring is one product with
+    C = I - 11^T / D, the variance a product with a vector of 1/D (faster than np.mean over
+    short rows): six NumPy calls, as few as the decoding step of a single sequence can afford
+    (each costs ~1 us there)."""
     average = _ones(x.shape[-1], x.dtype, 1 / x.shape[-1])
     centred = x @ _centring(x.shape[-1], x.dtype)
     var = (centred * centred) @ average
@@ -433,12 +434,10 @@ class VLM(nn.Module):
         (tinymm.parallel), each running the whole step on its share."""
         out = np.empty_like(x)
 
-        def sequences(r):  # the step for the sequences r (all of them: r = ...)
-            if r is ...:
-                out[...] = self._decode_rows(x, cache, t, blocked, folded)
-                return
-            part = [(k[r], v[r]) for k, v in cache]
-            out[r] = self._decode_rows(x[r], part, t, None if blocked is None else blocked[r], folded)
+        def sequences(r):  # the step for the sequences r (r = ...: all, nothing to slice)
+            part = cache if r is ... else [(k[r], v[r]) for k, v in cache]
+            padded = None if blocked is None else blocked[r]
+            out[r] = self._decode_rows(x[r], part, t, padded, folded)
 
         parallel.rows(sequences, cache[0][0])  # split by the size of the cache it reads
         return out
@@ -595,8 +594,9 @@ class VLM(nn.Module):
             logits = logits.data
             position = mask.sum(axis=1)  # real text tokens so far: the next token's position
             for step in range(max_new_tokens):
+                # float64 to sample from and to return; the argmax of float32 logits is the same
                 scores = logits.astype(np.float64) if return_logits or temperature else logits
-                chosen_from.append(scores)  # (argmax is the same on float32 logits)
+                chosen_from.append(scores)
                 token = self._pick(scores, temperature, top_k, rng)
                 if eos_id is not None:
                     token = np.where(done, pad_id, token)
@@ -604,11 +604,11 @@ class VLM(nn.Module):
                 out.append(token)
                 if step == max_new_tokens - 1 or (eos_id is not None and done.all()):
                     break
-                if use_cache and not fast:
-                    valid = np.concatenate([valid, np.ones((n, 1), dtype=bool)], axis=1)
-                else:
+                if not use_cache:  # the whole sequence again, one token longer
                     ids = np.concatenate([ids, token[:, None]], axis=1)
                     mask = np.concatenate([mask, np.ones((n, 1), dtype=bool)], axis=1)
+                elif not fast:  # _extend's real keys: one more
+                    valid = np.concatenate([valid, np.ones((n, 1), dtype=bool)], axis=1)
                 if fast:
                     x = self.token_embedding.weight.data[token] + self.pos_embedding.data[position]
                     x = x.astype(z_img.dtype, copy=False)

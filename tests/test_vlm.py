@@ -80,6 +80,19 @@ def test_fast_decoding_step_equals_the_tensor_composition(fusion, threads, activ
     np.testing.assert_array_equal(fast, slow)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_greedy_tokens_are_the_same_whether_the_logits_are_returned_or_not(fusion):
+    """Greedy decoding takes the argmax of the float32 logits as they are, and casts them to
+    float64 only to return them: the same tokens either way (float32, as the lessons run)."""
+    model = tiny_vlm(fusion, dtype=np.float32)
+    x = images(len(PROMPTS)).astype(np.float32)
+    tokens = model.generate(x, PROMPTS, 6)
+    returned, logits = model.generate(x, PROMPTS, 6, return_logits=True)
+    assert logits.dtype == np.float64
+    np.testing.assert_array_equal(tokens, returned)
+    np.testing.assert_array_equal(tokens, logits.argmax(axis=-1))
+
+
 @settings(max_examples=6)
 @given(
     lengths=st.lists(st.integers(1, 6), min_size=2, max_size=3),

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import kernels
 from .modes import is_reference_mode
-from .tensor import Tensor, default_rng, pad, record, where
+from .tensor import Tensor, _broadcast_shape, default_rng, pad, record, where
 
 __all__ = [
     "avg_pool2d",
@@ -535,10 +535,8 @@ def scaled_dot_product_attention(
             f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit: need q (..., L_q, d), "
             "k (..., L_k, d), v (..., L_k, d_v)"
         )
-    try:  # (the usual case, equal batch axes, without np.broadcast_shapes: ~5 us)
-        batch = q.shape[:-2]
-        if not batch == k.shape[:-2] == v.shape[:-2]:
-            batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    try:
+        batch = _broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except ValueError:
         raise ValueError(
             f"attention: the batch axes of q {q.shape}, k {k.shape}, v {v.shape} do not "

@@ -26,7 +26,7 @@ from numpy.lib.stride_tricks import as_strided
 from scipy.special import erf
 
 from . import parallel
-from .tensor import Tensor, _rows, record
+from .tensor import Tensor, _broadcast_shape, _rows, record
 
 # ----------------------------------------------------------------------------------------------
 # Sums as products with a ones vector
@@ -557,9 +557,7 @@ def _attention(qd, kd, vd, allowed, out=None) -> tuple[np.ndarray, np.ndarray, A
     backward(g, into=(None, None, None)) returns (dQ, dK, dV), each written into its array of
     `into` where one is given."""
     lq, lk = qd.shape[-2], kd.shape[-2]
-    batch = qd.shape[:-2]  # (np.broadcast_shapes costs ~5 us: a decoding step counts them)
-    if not batch == kd.shape[:-2] == vd.shape[:-2]:
-        batch = np.broadcast_shapes(qd.shape[:-2], kd.shape[:-2], vd.shape[:-2])
+    batch = _broadcast_shape(qd.shape[:-2], kd.shape[:-2], vd.shape[:-2])
     dtype = np.result_type(qd, kd, vd)
     q_scaled = qd * (1.0 / math.sqrt(qd.shape[-1]))  # Q / sqrt(d)
     k_scaled = kd * (1.0 / math.sqrt(qd.shape[-1]))  # K / sqrt(d), for dQ
